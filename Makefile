@@ -1,0 +1,77 @@
+# Two commands matter on a fresh clone: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 3000
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+
+# Everything runs offline and keeps its state inside the project.
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export BENTOML_DO_NOT_TRACK := true
+export BENTOML_HOME := $(CURDIR)/bentoml_home
+export GX_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo sample pipeline test test-fast browser-deps prefect-server prefect-deploy mlflow-ui serve build metrics bench clean-outputs
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e ".[cpu,dev]"
+	touch $@
+
+## The demo: generate the sample export, version it with DVC, run every stage.
+demo: install sample
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+## Generate the deterministic sample into data/raw and record it with DVC.
+sample: install
+	$(BIN)/python -m flows.generate_sample
+	$(BIN)/dvc add data/raw
+
+## The whole pipeline as one Prefect flow run (same code as `dvc repro`).
+pipeline: install
+	$(BIN)/python -m flows.pipeline
+
+test: install browser-deps
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not integration and not browser and not realdata"
+
+## Debian's chromium for the search-page test (never a downloaded browser build).
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+## Prefect UI on http://127.0.0.1:$(PREFECT_PORT); then `make prefect-deploy` in another shell.
+prefect-server: install
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+## Serve the pipeline as a deployment so it can be triggered from the Prefect UI.
+prefect-deploy: install
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.deploy
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+## Serve the promoted models and index (the Bento built by `make demo`).
+serve: install
+	$(BIN)/bentoml serve marketplace-search:latest --host 127.0.0.1 --port $(PORT)
+
+metrics: install
+	$(BIN)/dvc metrics show
+
+bench: install
+	$(BIN)/python benchmarks/faiss_benchmark.py

@@ -1,0 +1,150 @@
+"""What every flow shares: params loading, offline settings, stage caching and the CLI shape.
+
+Flows stay thin: they read params.yaml, call pipeline_steps functions inside
+Prefect tasks and write metrics. DVC stages call the same flows through their
+command line, so `dvc repro` and a run triggered from the Prefect UI execute
+the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CacheKeyFnPolicy, TASK_SOURCE
+
+from pipeline_steps import config
+from pipeline_steps.io_utils import write_json
+
+OFFLINE_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    # A loaded 2-core machine can take longer than Prefect's default 20 s to start
+    # the temporary local API that serverless flow runs use.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_HOME": str(config.PROJECT_ROOT / ".prefect"),
+}
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+ROOT = config.PROJECT_ROOT
+STAMP_NAME = "_stage_stamp.json"
+log = logging.getLogger("marketplace")
+
+
+def load_params(params_path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Load params.yaml and apply `key=value` overrides (values parsed as YAML)."""
+    import yaml
+
+    params = config.load_params(params_path)
+    for override in overrides:
+        key, sep, raw_value = override.partition("=")
+        if not sep:
+            raise config.ConfigError(f"override '{override}' must look like key.path=value")
+        config.set_value(params, key.strip(), yaml.safe_load(raw_value))
+    return params
+
+
+def path_of(params: dict[str, Any], key: str) -> Path:
+    """A params.yaml path resolved against the repository root."""
+    return config.resolve_path(config.get(params, key), ROOT)
+
+
+def fingerprint_paths(paths: Iterable[str | Path]) -> str:
+    """Content hash of files and folders: the identity of a stage's inputs.
+
+    Folders are hashed file by file in sorted order, so the same data in another
+    place gives the same fingerprint and a single changed photo changes it.
+    """
+    digest = hashlib.sha256()
+    for raw_path in paths:
+        path = Path(raw_path)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != STAMP_NAME)
+        elif path.exists():
+            files = [path]
+        else:
+            digest.update(f"missing:{path.name}".encode())
+            continue
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+            with file.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _settings_hash(settings: Any) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_stamp(out_dir: Path) -> dict[str, Any] | None:
+    stamp = Path(out_dir) / STAMP_NAME
+    if not stamp.is_file():
+        return None
+    return json.loads(stamp.read_text(encoding="utf-8"))
+
+
+def write_stamp(out_dir: Path, inputs_fingerprint: str, settings: Any) -> None:
+    """Record what an output folder was built from, so an identical re-run is a no-op."""
+    write_json(Path(out_dir) / STAMP_NAME, {"inputs": inputs_fingerprint, "settings": _settings_hash(settings)})
+
+
+def is_fresh(out_dir: Path, inputs_fingerprint: str, settings: Any) -> bool:
+    stamp = read_stamp(out_dir)
+    return bool(stamp) and stamp == {"inputs": inputs_fingerprint, "settings": _settings_hash(settings)}
+
+
+def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect cache key built only from serialisable task inputs: paths and settings.
+
+    The key covers the content of every input path and the stamp of every output
+    folder, so a deleted or hand-edited output is rebuilt instead of trusted.
+    """
+    inputs = fingerprint_paths(parameters.get("inputs", []))
+    outputs = [json.dumps(read_stamp(Path(p)), sort_keys=True) for p in parameters.get("outputs", [])]
+    return _settings_hash([inputs, outputs, parameters.get("settings")])
+
+
+# Tasks that take (inputs, outputs, settings) may use this: a cache hit means the
+# same inputs already produced the same outputs, and they are still there.
+STAGE_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_stage_cache_key)
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Every flow CLI accepts --params and repeated --set key=value overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default=str(config.DEFAULT_PARAMS), help="params.yaml to read")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one params.yaml key for this run, e.g. --set train.image.epochs=1",
+    )
+    return parser
+
+
+def run_cli(flow_fn: Callable[..., Any], parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> Any:
+    """Parse arguments and call the flow, turning user errors into a one-line message."""
+    from pipeline_steps.errors import PipelineError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = vars(parser.parse_args(argv))
+    try:
+        return flow_fn(**args)
+    except PipelineError as error:
+        raise SystemExit(f"error: {error}") from error

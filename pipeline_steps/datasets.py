@@ -1,0 +1,320 @@
+"""Torch datasets over the clean tables (see docs/ARCHITECTURE.md, "Clean").
+
+* image dataset: one example per photo, labelled with its product's category;
+* text dataset: one example per product (`text` = name + ". " + description);
+* multimodal dataset: one example per product with all of its photos (0..n).
+
+Batches are `(inputs: dict[str, Tensor], labels: Tensor)`, the one shape the
+training loop knows; the dict keys are the keyword arguments of the model's
+forward. Loading checks the columns the contract promises, so a stale or
+foreign clean folder fails with a message naming the file and the column.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pipeline_steps.errors import DataValidationError
+from pipeline_steps.io_utils import write_json, write_parquet
+
+SPLITS = ("train", "val", "test")
+PRODUCT_COLUMNS = ("product_id", "text", "label", "split")
+IMAGE_COLUMNS = ("image_id", "product_id", "path", "split", "label")
+
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CleanData:
+    """The clean tables a model needs, read once."""
+
+    clean_dir: Path
+    products: pd.DataFrame
+    images: pd.DataFrame
+    classes: list[str]
+
+    def products_of(self, split: str | None) -> pd.DataFrame:
+        frame = self.products if split is None else self.products[self.products["split"] == split]
+        return frame.reset_index(drop=True)
+
+    def images_of(self, split: str | None) -> pd.DataFrame:
+        frame = self.images if split is None else self.images[self.images["split"] == split]
+        return frame.reset_index(drop=True)
+
+    def image_paths_by_product(self) -> dict[Any, list[Path]]:
+        """product_id -> absolute paths of its photos, in images.parquet order."""
+        grouped: dict[Any, list[Path]] = {}
+        for product_id, rel in zip(self.images["product_id"], self.images["path"], strict=True):
+            grouped.setdefault(product_id, []).append(self.clean_dir / rel)
+        return grouped
+
+
+def load_classes(clean_dir: str | Path) -> list[str]:
+    path = Path(clean_dir) / "labels.json"
+    if not path.is_file():
+        raise DataValidationError(f"{path} is missing: run the clean stage first")
+    classes = json.loads(path.read_text(encoding="utf-8")).get("classes")
+    if not classes or not isinstance(classes, list):
+        raise DataValidationError(f"{path} has no non-empty 'classes' list")
+    return [str(name) for name in classes]
+
+
+def _read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataValidationError(f"{path} is missing: run the clean stage first")
+    frame = pd.read_parquet(path)
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise DataValidationError(f"{path} lacks column(s) {missing} (the Clean contract in docs/ARCHITECTURE.md)")
+    return frame
+
+
+def load_clean(clean_dir: str | Path) -> CleanData:
+    """Read products.parquet, images.parquet and labels.json and check labels and splits."""
+    clean_dir = Path(clean_dir)
+    classes = load_classes(clean_dir)
+    products = _read_table(clean_dir / "products.parquet", PRODUCT_COLUMNS)
+    images = _read_table(clean_dir / "images.parquet", IMAGE_COLUMNS)
+    for name, frame in (("products.parquet", products), ("images.parquet", images)):
+        labels = pd.to_numeric(frame["label"], errors="coerce")
+        bad = frame[labels.isna() | (labels < 0) | (labels >= len(classes))]
+        if len(bad):
+            raise DataValidationError(
+                f"{clean_dir / name}: {len(bad)} row(s) have a label outside 0..{len(classes) - 1} (labels.json), "
+                f"e.g. {bad['label'].iloc[0]!r}"
+            )
+        frame["label"] = labels.astype("int64")
+        unknown = sorted(set(frame["split"].dropna()) - set(SPLITS))
+        if unknown or frame["split"].isna().any():
+            raise DataValidationError(f"{clean_dir / name}: column 'split' must be one of {SPLITS}, found {unknown or [None]}")
+    products["text"] = products["text"].fillna("").astype(str)
+    return CleanData(clean_dir, products, images, classes)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open a photo fully (the file handle is closed) as RGB."""
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+class ImageDataset(Dataset):
+    """One example per photo: (transformed pixels, label)."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.paths = list(paths)
+        self.labels = [int(label) for label in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_rgb(self.paths[index])), self.labels[index]
+
+
+class TextDataset(Dataset):
+    """One example per product: (text, label); tokenised per batch by `TextCollate`."""
+
+    def __init__(self, texts: Sequence[str], labels: Sequence[int]) -> None:
+        self.texts = [str(text) for text in texts]
+        self.labels = [int(label) for label in labels]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        return self.texts[index], self.labels[index]
+
+
+class MultimodalDataset(Dataset):
+    """One example per product: (its photos' pixels (0..n), text, label)."""
+
+    def __init__(
+        self,
+        image_paths: Sequence[Sequence[Path]],
+        texts: Sequence[str],
+        labels: Sequence[int],
+        transform: Callable[[Image.Image], torch.Tensor],
+    ) -> None:
+        self.image_paths = [list(paths) for paths in image_paths]
+        self.texts = [str(text) for text in texts]
+        self.labels = [int(label) for label in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], str, int]:
+        pixels = [self.transform(load_rgb(path)) for path in self.image_paths[index]]
+        return pixels, self.texts[index], self.labels[index]
+
+
+class TensorDictDataset(Dataset):
+    """Precomputed features (e.g. frozen-encoder embeddings): row i of every tensor + label i."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], labels: Sequence[int] | torch.Tensor) -> None:
+        self.tensors = dict(tensors)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        for name, tensor in self.tensors.items():
+            if tensor.shape[0] != len(self.labels):
+                raise ValueError(f"feature '{name}' has {tensor.shape[0]} rows for {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return {name: tensor[index] for name, tensor in self.tensors.items()}, self.labels[index]
+
+
+# --------------------------------------------------------------------------- builders per split
+
+
+def image_dataset(data: CleanData, split: str | None, transform: Callable[[Image.Image], torch.Tensor]) -> ImageDataset:
+    frame = data.images_of(split)
+    return ImageDataset([data.clean_dir / rel for rel in frame["path"]], frame["label"].tolist(), transform)
+
+
+def text_dataset(data: CleanData, split: str | None) -> TextDataset:
+    frame = data.products_of(split)
+    return TextDataset(frame["text"].tolist(), frame["label"].tolist())
+
+
+def multimodal_dataset(data: CleanData, split: str | None, transform: Callable[[Image.Image], torch.Tensor]) -> MultimodalDataset:
+    frame = data.products_of(split)
+    by_product = data.image_paths_by_product()
+    paths = [by_product.get(product_id, []) for product_id in frame["product_id"]]
+    return MultimodalDataset(paths, frame["text"].tolist(), frame["label"].tolist(), transform)
+
+
+# --------------------------------------------------------------------------- collate functions
+
+
+def collate_images(batch: Sequence[tuple[torch.Tensor, int]]) -> Batch:
+    pixels, labels = zip(*batch, strict=True)
+    return {"pixels": torch.stack(pixels)}, torch.tensor(labels, dtype=torch.long)
+
+
+def collate_tensor_dicts(batch: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> Batch:
+    features, labels = zip(*batch, strict=True)
+    return {name: torch.stack([row[name] for row in features]) for name in features[0]}, torch.stack(list(labels))
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest text of the batch (not to max_length): much less work on short texts."""
+    encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=int(max_length), return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+class TextCollate:
+    """Tokenise a batch of (text, label) rows (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+
+    def __call__(self, batch: Sequence[tuple[str, int]]) -> Batch:
+        texts, labels = zip(*batch, strict=True)
+        return tokenize(self.tokenizer, texts, self.max_length), torch.tensor(labels, dtype=torch.long)
+
+
+def stack_product_images(per_product: Sequence[Sequence[torch.Tensor]], image_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All photos of a batch in one tensor + the product row each belongs to."""
+    pixels = [pixel for photos in per_product for pixel in photos]
+    owner = [row for row, photos in enumerate(per_product) for _ in photos]
+    stacked = torch.stack(pixels) if pixels else torch.zeros((0, *image_shape))
+    return stacked, torch.tensor(owner, dtype=torch.long)
+
+
+class MultimodalCollate:
+    """Batch products with 0..n photos each: flat `pixels` + `image_owner`, tokens, `text_present`."""
+
+    def __init__(self, tokenizer: Any, max_length: int, input_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.image_shape = (3, int(input_size), int(input_size))
+
+    def __call__(self, batch: Sequence[tuple[list[torch.Tensor], str | None, int]]) -> Batch:
+        photos, texts, labels = zip(*batch, strict=True)
+        pixels, owner = stack_product_images(photos, self.image_shape)
+        present = torch.tensor([bool(text) for text in texts], dtype=torch.bool)
+        inputs = tokenize(self.tokenizer, [text or "" for text in texts], self.max_length)
+        inputs.update({"pixels": pixels, "image_owner": owner, "text_present": present})
+        return inputs, torch.tensor(labels, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- synthetic clean data
+
+
+def write_synthetic_clean(
+    clean_dir: str | Path,
+    n_classes: int = 13,
+    products_per_class: int = 4,
+    images_per_product: Sequence[int] = (0, 1, 2),
+    image_size: int = 32,
+    splits: Sequence[str] = ("train", "train", "val", "test"),
+    seed: int = 0,
+) -> Path:
+    """Write a small clean folder following the Clean contract (for tests and timings).
+
+    Class k has its own colour and keyword, so every model can learn it within an epoch
+    or two. Product i of a class gets split `splits[i % len(splits)]` and
+    `images_per_product[i % len(...)]` photos (0 = a listing without photo).
+    """
+    rng = np.random.default_rng(seed)
+    clean_dir = Path(clean_dir)
+    (clean_dir / "images").mkdir(parents=True, exist_ok=True)
+    classes = [f"Category {chr(65 + k % 26)}{k // 26 or ''}" for k in range(n_classes)]
+    palette = rng.integers(0, 256, size=(n_classes, 3))
+    words = ["sofa", "bike", "phone", "guitar", "drill", "dress", "pram", "lamp", "tyre", "kettle", "tent", "book", "puppy"]
+    products, images = [], []
+    for label in range(n_classes):
+        word = words[label % len(words)] + ("" if label < len(words) else str(label))
+        for i in range(products_per_class):
+            product_id = f"p{label:02d}-{i:04d}"
+            split = splits[i % len(splits)]
+            n_images = images_per_product[(i + label) % len(images_per_product)]
+            name = f"{word} number {i}"
+            description = f"A used {word} in good condition, collect from town {rng.integers(100)}."
+            products.append(
+                {
+                    "product_id": product_id,
+                    "product_name": name,
+                    "product_description": description,
+                    "text": f"{name}. {description}",
+                    "category_path": f"{classes[label]} / Sub",
+                    "category": classes[label],
+                    "label": label,
+                    "price": float(rng.integers(1, 500)),
+                    "price_is_outlier": False,
+                    "location": "Town, County",
+                    "town": "Town",
+                    "county": "County",
+                    "n_images": n_images,
+                    "split": split,
+                }
+            )
+            for j in range(n_images):
+                image_id = f"{product_id}-img{j}"
+                noise = rng.integers(-40, 40, size=(image_size, image_size, 3))
+                pixels = np.clip(palette[label][None, None, :] + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, "RGB").save(clean_dir / "images" / f"{image_id}.jpg", quality=90)
+                images.append({"image_id": image_id, "product_id": product_id, "path": f"images/{image_id}.jpg", "split": split, "label": label})
+    product_frame = pd.DataFrame(products)
+    image_frame = pd.DataFrame(images, columns=list(IMAGE_COLUMNS))
+    write_parquet(product_frame, clean_dir / "products.parquet")
+    write_parquet(image_frame, clean_dir / "images.parquet")
+    listings = product_frame.merge(image_frame[["product_id", "image_id"]], on="product_id", how="left")
+    write_parquet(listings, clean_dir / "listings.parquet")
+    write_json(clean_dir / "labels.json", {"classes": classes, "label_to_index": {name: k for k, name in enumerate(classes)}})
+    return clean_dir

@@ -1,0 +1,264 @@
+"""Load a trained model directory and predict or embed: no training code, no hub access.
+
+A model directory (docs/ARCHITECTURE.md, "Trained models") holds config.json,
+model.pt and, for text-based models, encoder/ (tokenizer + encoder config). The
+network is rebuilt from config.json with random weights and then loaded from
+model.pt, so nothing is downloaded and the same code serves CPU and CUDA.
+
+    classifier = load_classifier("artifacts/models/multimodal")
+    classifier.predict_proba(images=[photo, None], texts=[None, "Oak table. Seats six"])
+
+Images get the eval preprocessing of training (RGB, letterbox to the input size,
+ImageNet normalisation); texts are tokenised with the saved tokenizer and
+truncated to the training max_length.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline_steps import datasets as ds
+from pipeline_steps import models
+from pipeline_steps.errors import PipelineError
+
+KINDS = ("image", "text", "multimodal")
+ImageInput = Image.Image | Sequence[Image.Image] | None
+
+
+@dataclass
+class LoadedModel:
+    """A rebuilt network with its weights, plus what turns raw inputs into its tensors."""
+
+    module: nn.Module
+    config: dict[str, Any]
+    tokenizer: Any = None
+    preprocessor: models.ImagePreprocessor | None = None
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    model_dir = Path(model_dir)
+    for name in ("config.json", "model.pt"):
+        if not (model_dir / name).is_file():
+            raise PipelineError(f"{model_dir} is not a trained model directory: {name} is missing")
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("kind") not in KINDS:
+        raise PipelineError(f"{model_dir / 'config.json'}: kind {config.get('kind')!r} is not one of {KINDS}")
+    return config
+
+
+def _image_module(architecture: dict[str, Any], n_classes: int) -> models.ImageClassifier:
+    return models.build_image_classifier(architecture, n_classes, pretrained=False)
+
+
+def _text_module(architecture: dict[str, Any], n_classes: int, encoder_dir: Path) -> tuple[models.TextClassifier, Any]:
+    tokenizer, transformer = models.encoder_from_folder(encoder_dir)
+    return models.build_text_classifier(transformer, architecture, n_classes), tokenizer
+
+
+def build_module(config: dict[str, Any], model_dir: str | Path) -> LoadedModel:
+    """The untrained network described by config.json (weights are loaded by the caller)."""
+    model_dir = Path(model_dir)
+    kind, architecture, n_classes = config["kind"], config["architecture"], len(config["classes"])
+    preprocessing = config.get("preprocessing", {})
+    preprocessor = models.ImagePreprocessor.from_config(preprocessing["image"]) if "image" in preprocessing else None
+    if kind == "image":
+        return LoadedModel(_image_module(architecture, n_classes), config, None, preprocessor)
+    if kind == "text":
+        module, tokenizer = _text_module(architecture, n_classes, model_dir / architecture.get("encoder_dir", "encoder"))
+        return LoadedModel(module, config, tokenizer, None)
+    image_tower = _image_module(architecture["image_tower"], n_classes)
+    text_tower, tokenizer = _text_module(architecture["text_tower"], n_classes, model_dir / architecture["text_tower"].get("encoder_dir", "encoder"))
+    fusion = models.build_fusion_head(architecture, image_tower.embedding_dim, text_tower.embedding_dim, n_classes)
+    module = models.MultimodalClassifier(image_tower, text_tower, fusion, architecture.get("image_pooling", "mean"))
+    return LoadedModel(module, config, tokenizer, preprocessor)
+
+
+def load_model_module(model_dir: str | Path, expected_kind: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the network of a model directory and load its model.pt (eval mode)."""
+    config = read_config(model_dir)
+    if expected_kind is not None and config["kind"] != expected_kind:
+        raise PipelineError(f"{model_dir} holds a {config['kind']!r} model, expected {expected_kind!r}")
+    loaded = build_module(config, model_dir)
+    state = torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True)
+    loaded.module.load_state_dict(state)
+    loaded.module.to(device).eval()
+    return loaded
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Classifier:
+    """A trained image, text or multimodal classifier: `predict_proba` and `embed` on raw inputs.
+
+    images: list of PIL images or None (the multimodal model also takes a list of photos per
+    row and averages their embeddings); texts: list of str or None. The image model needs a
+    photo in every row and ignores texts; the text model needs a text and ignores images; the
+    multimodal model needs at least one of the two per row.
+    """
+
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "auto", batch_size: int = 64) -> None:
+        self.loaded = loaded
+        self.config = loaded.config
+        self.kind: str = loaded.config["kind"]
+        self.classes: list[str] = list(loaded.config["classes"])
+        self.embedding_dim: int = int(loaded.config["embedding_dim"])
+        self.device = _device(device)
+        self.batch_size = int(batch_size)
+        self.module = loaded.module.to(self.device).eval()
+        self.max_length = int(loaded.config.get("preprocessing", {}).get("text", {}).get("max_length", 128))
+
+    def __repr__(self) -> str:
+        return f"Classifier(kind={self.kind!r}, classes={len(self.classes)}, embedding_dim={self.embedding_dim}, device={self.device})"
+
+    # ---------------------------------------------------------------- public API
+
+    def predict_proba(self, images: Sequence[ImageInput] | None = None, texts: Sequence[str | None] | None = None) -> np.ndarray:
+        return self.predict_and_embed(images, texts)[0]
+
+    def embed(self, images: Sequence[ImageInput] | None = None, texts: Sequence[str | None] | None = None) -> np.ndarray:
+        return self.predict_and_embed(images, texts)[1]
+
+    def predict(self, images: Sequence[ImageInput] | None = None, texts: Sequence[str | None] | None = None) -> list[str]:
+        """Most probable class name per row."""
+        return [self.classes[i] for i in self.predict_proba(images, texts).argmax(axis=1)]
+
+    def predict_and_embed(
+        self, images: Sequence[ImageInput] | None = None, texts: Sequence[str | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (n, n_classes) float32, embeddings (n, embedding_dim) float32), in batches."""
+        n = self._row_count(images, texts)
+        probas, embeddings = [np.zeros((0, len(self.classes)), np.float32)], [np.zeros((0, self.embedding_dim), np.float32)]
+        for start in range(0, n, self.batch_size):
+            stop = min(n, start + self.batch_size)
+            logits, embedding = self._forward(
+                None if images is None else list(images[start:stop]), None if texts is None else list(texts[start:stop]), start
+            )
+            probas.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float32))
+            embeddings.append(embedding.float().cpu().numpy().astype(np.float32))
+        return np.concatenate(probas), np.concatenate(embeddings)
+
+    # ---------------------------------------------------------------- internals
+
+    def _row_count(self, images: Sequence[Any] | None, texts: Sequence[Any] | None) -> int:
+        if images is not None and texts is not None and len(images) != len(texts):
+            raise ValueError(f"images ({len(images)}) and texts ({len(texts)}) must have one entry per row")
+        if images is None and texts is None:
+            raise ValueError("give images, texts or both")
+        return len(images) if images is not None else len(texts)  # type: ignore[arg-type]
+
+    def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        assert self.loaded.preprocessor is not None
+        return torch.stack([self.loaded.preprocessor(image) for image in images]).to(self.device)
+
+    def _tokens(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        tokens = ds.tokenize(self.loaded.tokenizer, texts, self.max_length)
+        return {name: tensor.to(self.device) for name, tensor in tokens.items()}
+
+    @torch.inference_mode()
+    def _forward(self, images: list[Any] | None, texts: list[Any] | None, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "image":
+            missing = [offset + i for i, image in enumerate(images or []) if image is None]
+            if images is None or missing:
+                raise ValueError(f"the image model needs a photo in every row (none in row(s) {missing[:5] or 'all'})")
+            embedding = self.module.embed(self._pixels(images))
+            return self.module.classify_embedding(embedding), embedding
+        if self.kind == "text":
+            missing = [offset + i for i, text in enumerate(texts or []) if text is None]
+            if texts is None or missing:
+                raise ValueError(f"the text model needs a text in every row (none in row(s) {missing[:5] or 'all'})")
+            embedding = self.module.embed(**self._tokens([str(text) for text in texts]))
+            return self.module.head(embedding), embedding
+        return self._forward_multimodal(images, texts, offset)
+
+    def _forward_multimodal(self, images: list[Any] | None, texts: list[Any] | None, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(images) if images is not None else len(texts)  # type: ignore[arg-type]
+        photos = [_as_photo_list(image) for image in (images or [None] * n)]
+        texts = [None if text is None or (isinstance(text, float) and np.isnan(text)) else str(text) for text in (texts or [None] * n)]
+        empty = [offset + i for i in range(n) if not photos[i] and not texts[i]]
+        if empty:
+            raise ValueError(f"row(s) {empty[:5]} have neither a photo nor a text")
+        size = self.loaded.preprocessor.input_size  # type: ignore[union-attr]
+        pixels, owner = ds.stack_product_images([[self.loaded.preprocessor(p) for p in row] for row in photos], (3, size, size))  # type: ignore[misc]
+        tokens = self._tokens([text or "" for text in texts])
+        present = torch.tensor([bool(text) for text in texts], dtype=torch.bool, device=self.device)
+        embedding = self.module.embed(pixels.to(self.device), owner.to(self.device), tokens["input_ids"], tokens["attention_mask"], present)
+        return self.module.fusion.classifier(embedding), embedding
+
+
+def _as_photo_list(image: ImageInput) -> list[Image.Image]:
+    if image is None:
+        return []
+    if isinstance(image, Image.Image):
+        return [image]
+    return [photo for photo in image if photo is not None]
+
+
+def load_classifier(model_dir: str | Path, device: str | torch.device = "auto", batch_size: int = 64) -> Classifier:
+    """Load a trained image | text | multimodal model directory for prediction and embedding."""
+    return Classifier(load_model_module(model_dir, device="cpu"), device=device, batch_size=batch_size)
+
+
+# --------------------------------------------------------------------------- whole splits
+
+
+class SplitPrediction(NamedTuple):
+    """Row i of `proba`/`embeddings` belongs to row i of `ids` (product_id, image_id, split, label)."""
+
+    ids: pd.DataFrame
+    labels: np.ndarray
+    proba: np.ndarray
+    embeddings: np.ndarray
+
+
+def predict_split(
+    classifier: Classifier,
+    clean_dir: str | Path,
+    split: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> SplitPrediction:
+    """Predict and embed a whole clean split (None = every split) in batches.
+
+    The image model gets one row per photo (images.parquet); the text and multimodal models
+    one row per product (products.parquet), the multimodal one with all of the product's
+    photos (averaged) and `image_id` null.
+    """
+    data = ds.load_clean(clean_dir)
+    if classifier.kind == "image":
+        frame = data.images_of(split)[["product_id", "image_id", "split", "label"]]
+        sources: list[Any] = [data.clean_dir / rel for rel in data.images_of(split)["path"]]
+        texts: list[Any] | None = None
+    else:
+        products = data.products_of(split)
+        frame = products[["product_id", "split", "label"]].assign(image_id=None)[["product_id", "image_id", "split", "label"]]
+        texts = products["text"].tolist()
+        by_product = data.image_paths_by_product()
+        sources = [by_product.get(p, []) for p in products["product_id"]] if classifier.kind == "multimodal" else []
+    n, step = len(frame), batch_size or classifier.batch_size
+    probas, embeddings = [np.zeros((0, len(classifier.classes)), np.float32)], [np.zeros((0, classifier.embedding_dim), np.float32)]
+    for start in tqdm(range(0, n, step), desc=f"{classifier.kind} {split or 'all'}", disable=not progress, leave=False):
+        stop = min(n, start + step)
+        images = None
+        if classifier.kind == "image":
+            images = [ds.load_rgb(path) for path in sources[start:stop]]
+        elif classifier.kind == "multimodal":
+            images = [[ds.load_rgb(path) for path in paths] for paths in sources[start:stop]]
+        proba, embedding = classifier.predict_and_embed(images, None if texts is None else texts[start:stop])
+        probas.append(proba)
+        embeddings.append(embedding)
+    return SplitPrediction(frame.reset_index(drop=True), frame["label"].to_numpy(), np.concatenate(probas), np.concatenate(embeddings))

@@ -1,0 +1,150 @@
+"""A trained model directory as an MLflow pyfunc model (registry, serving, BentoML import).
+
+The pyfunc keeps the model directory as its single artifact and loads it with
+`inference.load_classifier`, so MLflow serves exactly what evaluation measured:
+
+    model = mlflow.pyfunc.load_model("models:/marketplace-text-classifier@champion")
+    model.predict(pd.DataFrame({"text": ["Oak table. Seats six"], "image": [None]}))
+    model.unwrap_python_model().classifier   # the inference.Classifier
+
+Input columns: `text` (str or None) and `image` (base64-encoded JPEG/PNG bytes or None);
+output: `category` (the most probable class) and one probability column per class,
+named by the class.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import infer_signature
+from mlflow.models.model import ModelInfo
+from PIL import Image
+
+from pipeline_steps.inference import Classifier, load_classifier, read_config
+
+#: distributions the pyfunc imports when loaded (through pipeline_steps); pinned to the
+#: installed versions. Passing them explicitly also skips MLflow's slow requirement inference.
+RUNTIME_PACKAGES = (
+    "mlflow", "cloudpickle", "torch", "torchvision", "transformers", "tokenizers", "safetensors",
+    "numpy", "pandas", "pillow", "pyyaml", "tqdm",
+)
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def decode_image(value: Any, row: int = 0) -> Image.Image | None:
+    """base64 text (optionally a data: URI) or raw bytes -> PIL image; None/NaN/"" -> None."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        if isinstance(value, str):
+            value = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+        image = Image.open(io.BytesIO(bytes(value)))
+        image.load()
+        return image
+    except (binascii.Error, ValueError, OSError) as error:
+        raise ValueError(f"row {row}: column 'image' is not a base64-encoded JPEG/PNG ({error})") from error
+
+
+def encode_image(image: Image.Image, format: str = "JPEG") -> str:
+    """PIL image -> base64 text, the `image` column format."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=format)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _text_or_none(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return str(value)
+
+
+class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper; artifacts = {"model_dir": <trained model directory>}."""
+
+    def __init__(self) -> None:
+        self.classifier: Classifier | None = None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.classifier = load_classifier(context.artifacts["model_dir"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if self.classifier is None:
+            raise RuntimeError("ClassifierPyfunc.predict called before load_context")
+        frame = pd.DataFrame(model_input)
+        n = len(frame)
+        texts = [_text_or_none(v) for v in frame["text"]] if "text" in frame else [None] * n
+        images = [decode_image(v, row) for row, v in enumerate(frame["image"])] if "image" in frame else [None] * n
+        kind = self.classifier.kind
+        proba = self.classifier.predict_proba(
+            images=None if kind == "text" else images, texts=None if kind == "image" else texts
+        )
+        out = pd.DataFrame(proba.astype(np.float64), columns=self.classifier.classes, index=frame.index)
+        out.insert(0, "category", [self.classifier.classes[i] for i in proba.argmax(axis=1)])
+        return out
+
+
+def default_input_example(kind: str) -> pd.DataFrame:
+    """A small input covering the rows the kind accepts (None marks optional columns)."""
+    photo = encode_image(Image.new("RGB", (64, 64), (120, 90, 60)))
+    text = "Oak dining table. Solid wood, seats six, collection only"
+    if kind == "image":
+        return pd.DataFrame({"text": [text, None], "image": [photo, photo]})
+    if kind == "text":
+        return pd.DataFrame({"text": [text, "Mountain bike. 21 gears"], "image": [photo, None]})
+    return pd.DataFrame({"text": [text, None, "Mountain bike. 21 gears"], "image": [photo, photo, None]})
+
+
+def pinned_requirements(packages: Sequence[str] = RUNTIME_PACKAGES) -> list[str]:
+    """`name==installed version` for each installed package."""
+    pins = []
+    for package in packages:
+        try:
+            pins.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def log_classifier(
+    model_dir: str | Path,
+    name: str,
+    input_example: pd.DataFrame | None = None,
+    code_paths: Sequence[str | Path] | None = None,
+    pip_requirements: Sequence[str] | None = None,
+    **log_model_kwargs: Any,
+) -> ModelInfo:
+    """Log a trained model directory as a pyfunc model in the active (or a new) MLflow run.
+
+    The signature is inferred from the input example and the model's own prediction on it;
+    the `pipeline_steps` package travels as code_paths so the model loads without this
+    repository installed. Extra keyword arguments (e.g. registered_model_name, metadata)
+    go to `mlflow.pyfunc.log_model`.
+    """
+    model_dir = Path(model_dir)
+    kind = read_config(model_dir)["kind"]
+    example = input_example if input_example is not None else default_input_example(kind)
+    wrapper = ClassifierPyfunc()
+    wrapper.classifier = load_classifier(model_dir, device="cpu")
+    signature = infer_signature(example, wrapper.predict(None, example))
+    wrapper.classifier = None  # the logged object stays small; load_context rebuilds it
+    metadata_ = {"kind": kind, **log_model_kwargs.pop("metadata", {})}
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=wrapper,
+        artifacts={"model_dir": str(model_dir)},
+        signature=signature,
+        input_example=example,
+        code_paths=[str(p) for p in (code_paths or [PACKAGE_DIR])],
+        pip_requirements=list(pip_requirements) if pip_requirements is not None else pinned_requirements(),
+        metadata=metadata_,
+        **log_model_kwargs,
+    )

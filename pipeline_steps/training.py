@@ -1,0 +1,841 @@
+"""One training loop for every neural model, and the three `train_*` entry points.
+
+Why one loop: seeding, device and mixed precision, the LR schedule, early
+stopping, checkpoints/resume, the progress bar and the per-epoch callback
+behave the same for the image, text and multimodal models, and are tested once.
+
+* Device: `train.device` auto -> CUDA (with torch.autocast mixed precision when
+  `train.mixed_precision`) if present, else CPU; the same code runs on both.
+* Reproducible: seeded (python, numpy, torch), deterministic algorithms where
+  torch has them, and each epoch's shuffling comes from a generator seeded by
+  (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+* Checkpoint each epoch at `train.checkpoints_dir/<kind>/last.pt` (model, optimizer,
+  scheduler, scaler, epoch, RNG states, history, best weights); `resume=True`
+  continues from it. Only the last one is kept: each is complete, older ones
+  would only cost disk.
+* Early stopping on validation loss; the saved model has the best-val-loss weights.
+* The result is a self-contained model directory (docs/ARCHITECTURE.md, "Trained
+  models") written atomically: config.json + model.pt + history.json
+  (+ encoder/ with the tokenizer and encoder config for text-based models).
+
+Frozen encoders (text `fine_tune: false`, multimodal `fine_tune_towers: false`)
+are run once over the data and only the head is trained on the stored vectors:
+the same result as running the frozen encoder every epoch, many times faster.
+MLflow is not imported here: the flow passes `on_epoch_end` to log metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pipeline_steps import datasets as ds
+from pipeline_steps import models
+from pipeline_steps.config import require_choice, resolve_path
+from pipeline_steps.errors import ConfigError, DataValidationError, PipelineError
+from pipeline_steps.io_utils import atomic_dir, atomic_path, file_sha256, write_json
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+FORMAT_VERSION = 1
+LR_SCHEDULES = ("onecycle", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+#: shared keys that do not change what is learned, so a checkpoint may be resumed across them.
+RUNTIME_KEYS = ("device", "num_workers", "mixed_precision", "models_dir", "checkpoints_dir")
+
+
+@dataclass
+class TrainResult:
+    """What a `train_*` call produced: the model directory and how training went."""
+
+    kind: str
+    model_dir: Path
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_loss: float
+    stopped_early: bool
+    device: str
+    seconds: float
+    config: dict[str, Any]
+    model: nn.Module = field(repr=False)  # the saved (best-val-loss) model, in eval mode
+    tokenizer: Any = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------- params
+
+
+def model_params(train_params: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """Flatten `train:` for one model: the shared scalars + the `train.<kind>` section.
+
+    Accepts the `train:` section itself or the whole params dict.
+    """
+    train = train_params["train"] if isinstance(train_params.get("train"), Mapping) else train_params
+    if not isinstance(train.get(kind), Mapping):
+        raise ConfigError(f"params.yaml has no section 'train.{kind}'")
+    shared = {key: value for key, value in train.items() if not isinstance(value, Mapping)}
+    return {**shared, **train[kind]}
+
+
+def _number(params: Mapping[str, Any], key: str, kind: str, default: Any = None, minimum: float = 0, integer: bool = False) -> Any:
+    value = params.get(key, default)
+    full_key = f"train.{kind}.{key}" if key not in ("seed", "early_stopping_patience", "num_workers") else f"train.{key}"
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum or (integer and int(value) != value):
+        kind_of = "an integer" if integer else "a number"
+        raise ConfigError(f"params.yaml key '{full_key}' must be {kind_of} >= {minimum}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The knobs of `fit`, read and checked from params before any data is touched."""
+
+    kind: str
+    epochs: int
+    batch_size: int
+    seed: int
+    device: torch.device
+    mixed_precision: bool
+    patience: int
+    lr_schedule: str
+    num_workers: int
+    checkpoint_dir: Path
+    fingerprint: str = ""
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    progress: bool = True
+
+
+def resolve_device(name: Any) -> torch.device:
+    require_choice(name, "train.device", DEVICES)
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("params.yaml key 'train.device' is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def loop_settings(params: Mapping[str, Any], kind: str, progress: bool = True) -> LoopSettings:
+    return LoopSettings(
+        kind=kind,
+        epochs=_number(params, "epochs", kind, minimum=1, integer=True),
+        batch_size=_number(params, "batch_size", kind, minimum=1, integer=True),
+        seed=_number(params, "seed", kind, default=0, integer=True),
+        device=resolve_device(params.get("device", "auto")),
+        mixed_precision=bool(params.get("mixed_precision", True)),
+        patience=_number(params, "early_stopping_patience", kind, default=3, minimum=1, integer=True),
+        lr_schedule=require_choice(params.get("lr_schedule", "onecycle"), "train.lr_schedule", LR_SCHEDULES),
+        num_workers=_number(params, "num_workers", kind, default=0, integer=True),
+        checkpoint_dir=resolve_path(params.get("checkpoints_dir", "artifacts/checkpoints")) / kind,
+        grad_clip=float(params.get("grad_clip", 1.0)),
+        label_smoothing=float(params.get("label_smoothing", 0.0)),
+        progress=progress,
+    )
+
+
+def fingerprint(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def deterministic(enabled: bool = True) -> Iterator[None]:
+    """Deterministic kernels (warn-only where torch has none) for the duration of training.
+
+    The previous global setting is restored afterwards, so other code in the process is
+    not affected.
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    previous_benchmark = torch.backends.cudnn.benchmark
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous_benchmark
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- validation of the data
+
+
+def check_splits(labels_by_split: Mapping[str, Sequence[int]], classes: Sequence[str], what: str, source: Path) -> None:
+    """Training needs a non-empty train and val split, and every class in train."""
+    for split in ("train", "val"):
+        if len(labels_by_split.get(split, [])) == 0:
+            raise DataValidationError(f"{source}: split '{split}' has no {what}; training needs train and val examples")
+    present = set(int(label) for label in labels_by_split["train"])
+    missing = [name for index, name in enumerate(classes) if index not in present]
+    if missing:
+        raise DataValidationError(
+            f"{source}: class(es) {missing} have no {what} in the train split, so the model could never "
+            "predict them; fix the split (cleaning.split) or the class list (cleaning.min_products_per_class)"
+        )
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class FitOutcome:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_loss: float
+    stopped_early: bool
+    seconds: float
+
+
+def _to_device(inputs: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in inputs.items()}
+
+
+def _autocast(device: torch.device, enabled: bool) -> Any:
+    if device.type != "cuda" or not enabled:
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule. OneCycle: warm-up then cosine annealing; cosine: 5% linear warm-up then cosine."""
+    if schedule == "onecycle":
+        max_lr = [group["lr"] for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total_steps, 2), pct_start=0.2)
+    warmup = max(1, int(0.05 * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _loader(dataset: Dataset, settings: LoopSettings, collate: Callable, shuffle: bool, epoch: int = 0) -> DataLoader:
+    drop_last = shuffle and len(dataset) > settings.batch_size and len(dataset) % settings.batch_size == 1
+    generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=collate,
+        num_workers=settings.num_workers,
+        pin_memory=settings.device.type == "cuda",
+        drop_last=drop_last,  # a last batch of 1 breaks BatchNorm in training mode
+    )
+
+
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+    return n // batch_size if (n > batch_size and n % batch_size == 1) else math.ceil(n / batch_size)
+
+
+@torch.inference_mode()
+def evaluate_loss(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` over a loader (eval mode)."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for inputs, labels in loader:
+        labels = labels.to(device)
+        with _autocast(device, amp):
+            logits = model(**_to_device(inputs, device))
+        total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        count += len(labels)
+    return total_loss / max(count, 1), correct / max(count, 1)
+
+
+def _checkpoint_path(settings: LoopSettings) -> Path:
+    return settings.checkpoint_dir / "last.pt"
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+
+
+def fit(
+    model: nn.Module,
+    param_groups: list[dict[str, Any]],
+    train_set: Dataset,
+    val_set: Dataset,
+    collate: Callable,
+    settings: LoopSettings,
+    resume: bool = False,
+    on_epoch_end: EpochCallback | None = None,
+) -> FitOutcome:
+    """Train `model` (forward(**inputs) -> logits) with AdamW; leave the best-val-loss weights in it.
+
+    `param_groups`: AdamW groups with their own lr/weight_decay (e.g. encoder vs head).
+    """
+    device, amp = settings.device, settings.mixed_precision and settings.device.type == "cuda"
+    model.to(device)
+    groups = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in param_groups]
+    optimizer = torch.optim.AdamW([group for group in groups if group["params"]])
+    steps_per_epoch = _steps_per_epoch(len(train_set), settings.batch_size)
+    scheduler = _make_scheduler(optimizer, settings.lr_schedule, steps_per_epoch * settings.epochs)
+    amp_fp16 = amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_fp16)
+
+    history: list[dict[str, float]] = []
+    best_state, best_epoch, best_val_loss, bad_epochs, stopped_early = _cpu_state(model), 0, math.inf, 0, False
+    start_epoch, spent = 0, 0.0
+    checkpoint_file = _checkpoint_path(settings)
+    if resume and checkpoint_file.is_file():
+        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+        if checkpoint.get("fingerprint") != settings.fingerprint:
+            raise PipelineError(
+                f"checkpoint {checkpoint_file} was written for other params or data than this run's; "
+                "train without resume to start over (or restore the params it was made with)"
+            )
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        _set_rng_state(checkpoint["rng"])
+        history, start_epoch, spent = list(checkpoint["history"]), int(checkpoint["epoch"]), float(checkpoint["seconds"])
+        best_state, best_epoch, best_val_loss = checkpoint["best_state"], int(checkpoint["best_epoch"]), float(checkpoint["best_val_loss"])
+        bad_epochs, stopped_early = int(checkpoint["bad_epochs"]), bool(checkpoint["stopped_early"])
+        log.info("%s: resuming from %s after epoch %d", settings.kind, checkpoint_file, start_epoch)
+    elif resume:
+        log.info("%s: no checkpoint at %s, starting from scratch", settings.kind, checkpoint_file)
+
+    val_loader = _loader(val_set, settings, collate, shuffle=False)
+    epoch = start_epoch
+    while epoch < settings.epochs and not stopped_early:
+        started = time.perf_counter()
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(
+            _loader(train_set, settings, collate, shuffle=True, epoch=epoch),
+            desc=f"{settings.kind} {epoch + 1}/{settings.epochs}",
+            total=steps_per_epoch,
+            disable=not settings.progress,
+            leave=False,
+        )
+        for inputs, labels in bar:
+            labels = labels.to(device, non_blocking=True)
+            with _autocast(device, amp):
+                logits = model(**_to_device(inputs, device))
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if settings.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], settings.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.detach().argmax(dim=1) == labels).sum().item()
+            seen += len(labels)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        val_loss, val_accuracy = evaluate_loss(model, val_loader, device, amp)
+        epoch += 1
+        seconds = time.perf_counter() - started
+        spent += seconds
+        metrics = {
+            "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "lr": optimizer.param_groups[-1]["lr"],
+            "epoch_seconds": seconds,
+        }
+        history.append({"epoch": epoch, **metrics})
+        if val_loss < best_val_loss:
+            best_state, best_epoch, best_val_loss, bad_epochs = _cpu_state(model), epoch, val_loss, 0
+        else:
+            bad_epochs += 1
+            stopped_early = bad_epochs >= settings.patience and epoch < settings.epochs
+        log.info(
+            "%s epoch %d/%d: train_loss %.4f acc %.3f | val_loss %.4f acc %.3f (%.1fs)",
+            settings.kind, epoch, settings.epochs, metrics["train_loss"], metrics["train_accuracy"], val_loss, val_accuracy, seconds,
+        )
+        _save_checkpoint(
+            checkpoint_file,
+            {
+                "format": FORMAT_VERSION,
+                "kind": settings.kind,
+                "fingerprint": settings.fingerprint,
+                "epoch": epoch,
+                "seconds": spent,
+                "model": _cpu_state(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(),
+                "history": history,
+                "best_state": best_state,
+                "best_epoch": best_epoch,
+                "best_val_loss": best_val_loss,
+                "bad_epochs": bad_epochs,
+                "stopped_early": stopped_early,
+            },
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, dict(metrics))
+        if stopped_early:
+            log.info("%s: early stop after epoch %d (best val_loss %.4f at epoch %d)", settings.kind, epoch, best_val_loss, best_epoch)
+
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitOutcome(history, best_epoch, best_val_loss, stopped_early, spent)
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+# --------------------------------------------------------------------------- model directory
+
+
+def _versions() -> dict[str, str]:
+    import torchvision
+    import transformers
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "transformers": transformers.__version__}
+
+
+def save_model_dir(
+    out_dir: str | Path,
+    config: dict[str, Any],
+    model: nn.Module,
+    history: list[dict[str, float]],
+    encoder_files: tuple[Any, nn.Module] | None = None,
+) -> Path:
+    """Write config.json + model.pt + history.json (+ encoder/) atomically as `out_dir`."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        torch.save(_cpu_state(model), tmp / "model.pt")
+        write_json(tmp / "history.json", history)
+        if encoder_files is not None:
+            tokenizer, transformer = encoder_files
+            tokenizer.save_pretrained(str(tmp / "encoder"))
+            transformer.config.save_pretrained(str(tmp / "encoder"))
+        write_json(tmp / "config.json", config)
+    return out_dir
+
+
+def _base_config(kind: str, classes: Sequence[str], params: Mapping[str, Any], outcome: FitOutcome, device: torch.device) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "classes": list(classes),
+        "params": dict(params),
+        "training": {
+            "best_epoch": outcome.best_epoch,
+            "best_val_loss": outcome.best_val_loss,
+            "epochs_run": len(outcome.history),
+            "stopped_early": outcome.stopped_early,
+            "device": device.type,
+            "seconds": round(outcome.seconds, 2),
+        },
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+
+
+def _result(kind: str, out_dir: Path, outcome: FitOutcome, device: torch.device, config: dict, model: nn.Module, tokenizer: Any = None) -> TrainResult:
+    return TrainResult(
+        kind, Path(out_dir), outcome.history, outcome.best_epoch, outcome.best_val_loss, outcome.stopped_early,
+        device.type, outcome.seconds, config, model.eval(), tokenizer,
+    )
+
+
+def _with_fingerprint(settings: LoopSettings, value: str) -> LoopSettings:
+    return replace(settings, fingerprint=value)
+
+
+def _fingerprint_for(kind: str, params: Mapping[str, Any], data_ids: Any) -> str:
+    return fingerprint({"kind": kind, "params": {k: v for k, v in params.items() if k not in RUNTIME_KEYS}, "data": data_ids})
+
+
+# --------------------------------------------------------------------------- image
+
+
+def _clean_image_size(data: ds.CleanData, paths: Sequence[Path]) -> int | None:
+    """Side of the (square) clean photos, so inference can letterbox raw photos the same way."""
+    if not len(paths):
+        return None
+    width, height = ds.load_rgb(paths[0]).size
+    return width if width == height else None
+
+
+def train_image_classifier(
+    clean_dir: str | Path,
+    train_params: Mapping[str, Any],
+    out_dir: str | Path,
+    resume: bool = False,
+    on_epoch_end: EpochCallback | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the photo classifier (one example per photo) and save it to `out_dir`."""
+    params = model_params(train_params, "image")
+    backbone = models.check_backbone(params.get("backbone", "resnet18"))
+    weights_spec = models.describe_weights(backbone, params.get("weights"))
+    augmentation = models.check_augmentation(params.get("augmentation", []))
+    require_choice(params.get("freeze_backbone", "auto"), "train.image.freeze_backbone", models.FREEZE_CHOICES)
+    input_size = _number(params, "input_size", "image", default=models.DEFAULT_INPUT_SIZE, minimum=16, integer=True)
+    lr, weight_decay = _number(params, "lr", "image"), _number(params, "weight_decay", "image", default=0.0)
+    settings = loop_settings(params, "image", progress)
+
+    data = ds.load_clean(clean_dir)
+    images_file = Path(clean_dir) / "images.parquet"
+    check_splits({s: data.images_of(s)["label"].tolist() for s in ("train", "val")}, data.classes, "photos", images_file)
+
+    seed_everything(settings.seed)
+    with deterministic():
+        model = models.build_image_classifier(params, len(data.classes))
+        train_frame = data.images_of("train")
+        source_size = _clean_image_size(data, [data.clean_dir / p for p in train_frame["path"][:1]])
+        preprocessor = models.ImagePreprocessor(input_size, source_size=source_size)
+        train_set = ds.image_dataset(data, "train", models.TrainImageTransform(preprocessor, augmentation))
+        val_set = ds.image_dataset(data, "val", preprocessor)
+        ids = {s: data.images_of(s)["image_id"].astype(str).tolist() for s in ("train", "val")}
+        settings = _with_fingerprint(settings, _fingerprint_for("image", params, [fingerprint(ids), data.classes, weights_spec]))
+        groups = [{"params": list(model.parameters()), "lr": lr, "weight_decay": weight_decay}]
+        outcome = fit(model, groups, train_set, val_set, ds.collate_images, settings, resume, on_epoch_end)
+
+    config = _base_config("image", data.classes, params, outcome, settings.device)
+    config.update(
+        {
+            "embedding_dim": model.embedding_dim,
+            "architecture": {
+                "type": "ImageClassifier",
+                "backbone": backbone,
+                "feature_dim": model.feature_dim,
+                "embedding_dim": model.embedding_dim,
+                "dropout": float(params.get("dropout", 0.2)),
+                "n_classes": len(data.classes),
+                "initial_weights": weights_spec,
+                "frozen_backbone": not all(p.requires_grad for p in model.backbone.parameters()),
+                "trainable_backbone_modules": list(models.BACKBONES[backbone][1]),
+                "embedding": "ReLU(Linear(backbone features)): the penultimate layer",
+            },
+            "preprocessing": {"image": preprocessor.to_config(), "augmentation": augmentation},
+        }
+    )
+    save_model_dir(out_dir, config, model, outcome.history)
+    return _result("image", Path(out_dir), outcome, settings.device, config, model.cpu())
+
+
+# --------------------------------------------------------------------------- text
+
+
+@torch.inference_mode()
+def encode_texts(
+    encoder: models.TextEncoder,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    device: torch.device,
+    batch_size: int = 64,
+    progress: bool = True,
+    desc: str = "encoding texts",
+) -> torch.Tensor:
+    """Pooled encoder vectors of `texts` (n, d) float32 on CPU, in input order.
+
+    Texts are sorted by length first so each batch pads to similar lengths (less work).
+    Full precision even on CUDA, so the stored vectors equal what inference computes.
+    """
+    encoder.eval().to(device)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.zeros((len(texts), encoder.output_dim), dtype=torch.float32)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        index = order[start : start + batch_size]
+        tokens = _to_device(ds.tokenize(tokenizer, [texts[i] for i in index], max_length), device)
+        out[index] = encoder(**tokens).float().cpu()
+    return out
+
+
+def cached_text_embeddings(
+    cache_dir: Path,
+    identity: Mapping[str, Any],
+    encoder: models.TextEncoder,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    device: torch.device,
+    progress: bool = True,
+) -> torch.Tensor:
+    """`encode_texts`, stored under `cache_dir` keyed by encoder identity + max_length + sha of the texts.
+
+    Encoding is the slow part of frozen-encoder training (minutes on CPU) and its result only
+    changes when the encoder, max_length or the texts do, so re-runs and the multimodal model
+    (which reuses the text tower) read it back.
+    """
+    texts_sha = hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
+    key = fingerprint({"encoder": identity, "max_length": int(max_length), "texts": texts_sha})
+    path = Path(cache_dir) / f"text-{key[:32]}.pt"
+    if path.is_file():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("key") == key and stored["embeddings"].shape[0] == len(texts):
+            return stored["embeddings"]
+    embeddings = encode_texts(encoder, tokenizer, texts, max_length, device, progress=progress)
+    with atomic_path(path) as tmp:
+        torch.save({"key": key, "identity": dict(identity), "embeddings": embeddings}, tmp)
+    return embeddings
+
+
+def _embedding_cache_dir(params: Mapping[str, Any]) -> Path:
+    return resolve_path(params.get("checkpoints_dir", "artifacts/checkpoints")) / "embedding_cache"
+
+
+def train_text_classifier(
+    clean_dir: str | Path,
+    train_params: Mapping[str, Any],
+    out_dir: str | Path,
+    resume: bool = False,
+    on_epoch_end: EpochCallback | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the text classifier (one example per product, `text` column) and save it to `out_dir`."""
+    params = model_params(train_params, "text")
+    encoder_name = params.get("encoder", models.DEFAULT_TEXT_ENCODER)
+    models.resolve_encoder_source(encoder_name)
+    max_length = _number(params, "max_length", "text", default=128, minimum=8, integer=True)
+    fine_tune = bool(params.get("fine_tune", False))
+    lr, weight_decay = _number(params, "lr", "text"), _number(params, "weight_decay", "text", default=0.0)
+    encoder_lr = _number(params, "encoder_lr", "text", default=3e-5) if fine_tune else 0.0
+    settings = loop_settings(params, "text", progress)
+
+    data = ds.load_clean(clean_dir)
+    products_file = Path(clean_dir) / "products.parquet"
+    check_splits({s: data.products_of(s)["label"].tolist() for s in ("train", "val")}, data.classes, "products", products_file)
+    tokenizer, transformer = models.load_pretrained_encoder(encoder_name)
+
+    seed_everything(settings.seed)
+    with deterministic():
+        model = models.build_text_classifier(transformer, params, len(data.classes))
+        splits = {s: data.products_of(s) for s in ("train", "val")}
+        ids = {s: frame["product_id"].astype(str).tolist() for s, frame in splits.items()}
+        settings = _with_fingerprint(settings, _fingerprint_for("text", params, [fingerprint(ids), data.classes]))
+        if fine_tune:
+            train_set, val_set = (ds.text_dataset(data, s) for s in ("train", "val"))
+            groups = [
+                {"params": list(model.encoder.parameters()), "lr": encoder_lr, "weight_decay": weight_decay},
+                {"params": list(model.head.parameters()), "lr": lr, "weight_decay": weight_decay},
+            ]
+            outcome = fit(model, groups, train_set, val_set, ds.TextCollate(tokenizer, max_length), settings, resume, on_epoch_end)
+        else:
+            model.encoder.requires_grad_(False)
+            identity = {"encoder": encoder_name, "weights": "pretrained"}
+            vectors = {
+                s: cached_text_embeddings(
+                    _embedding_cache_dir(params), identity, model.encoder, tokenizer, frame["text"].tolist(), max_length, settings.device, progress
+                )
+                for s, frame in splits.items()
+            }
+            train_set, val_set = (ds.TensorDictDataset({"embedding": vectors[s]}, splits[s]["label"].tolist()) for s in ("train", "val"))
+            groups = [{"params": list(model.head.parameters()), "lr": lr, "weight_decay": weight_decay}]
+            outcome = fit(model.head, groups, train_set, val_set, ds.collate_tensor_dicts, settings, resume, on_epoch_end)
+
+    config = _base_config("text", data.classes, params, outcome, settings.device)
+    config.update(
+        {
+            "embedding_dim": model.embedding_dim,
+            "architecture": {
+                "type": "TextClassifier",
+                "encoder": encoder_name,
+                "encoder_dir": "encoder",
+                "fine_tuned": fine_tune,
+                "hidden_dim": int(params.get("hidden_dim", 256)),
+                "dropout": float(params.get("dropout", 0.1)),
+                "n_classes": len(data.classes),
+                "embedding": "mean of the encoder's token vectors over the attention mask",
+            },
+            "preprocessing": {"text": {"column": "text", "max_length": max_length, "truncation": True}},
+        }
+    )
+    model.cpu().eval()
+    save_model_dir(out_dir, config, model, outcome.history, encoder_files=(tokenizer, model.encoder.transformer))
+    return _result("text", Path(out_dir), outcome, settings.device, config, model, tokenizer)
+
+
+# --------------------------------------------------------------------------- multimodal
+
+
+@torch.inference_mode()
+def product_image_embeddings(
+    image_tower: models.ImageClassifier,
+    preprocessor: models.ImagePreprocessor,
+    paths_per_product: Sequence[Sequence[Path]],
+    device: torch.device,
+    pooling: str = "mean",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled image-tower embedding per product (n, d) + whether it has any photo (n,)."""
+    image_tower.eval().to(device)
+    flat = [(row, path) for row, paths in enumerate(paths_per_product) for path in paths]
+    vectors = torch.zeros((len(flat), image_tower.embedding_dim), dtype=torch.float32)
+    for start in tqdm(range(0, len(flat), batch_size), desc="encoding photos", disable=not progress, leave=False):
+        chunk = flat[start : start + batch_size]
+        pixels = torch.stack([preprocessor(ds.load_rgb(path)) for _, path in chunk]).to(device)
+        vectors[start : start + len(chunk)] = image_tower.embed(pixels).float().cpu()
+    owner = torch.tensor([row for row, _ in flat], dtype=torch.long)
+    return models.pool_per_owner(vectors, owner, len(paths_per_product), pooling)
+
+
+def train_multimodal_classifier(
+    clean_dir: str | Path,
+    train_params: Mapping[str, Any],
+    image_model_dir: str | Path,
+    text_model_dir: str | Path,
+    out_dir: str | Path,
+    resume: bool = False,
+    on_epoch_end: EpochCallback | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the image+text model from the trained towers (one example per product).
+
+    A product's photos are averaged into one image embedding (`image_pooling: mean`): one
+    example per product gives the same weighting as the text model, and a listing with ten
+    photos does not count ten times. With `fine_tune_towers: false` (default) the towers stay
+    as trained and only the fusion head learns, on tower embeddings computed once.
+    """
+    from pipeline_steps.inference import load_model_module  # rebuilds a trained tower; no training code there
+
+    params = model_params(train_params, "multimodal")
+    pooling = require_choice(params.get("image_pooling", "mean"), "train.multimodal.image_pooling", models.IMAGE_POOLING)
+    fine_tune = bool(params.get("fine_tune_towers", False))
+    lr, weight_decay = _number(params, "lr", "multimodal"), _number(params, "weight_decay", "multimodal", default=0.0)
+    tower_lr = _number(params, "tower_lr", "multimodal", default=1e-4) if fine_tune else 0.0
+    settings = loop_settings(params, "multimodal", progress)
+
+    data = ds.load_clean(clean_dir)
+    products_file = Path(clean_dir) / "products.parquet"
+    check_splits({s: data.products_of(s)["label"].tolist() for s in ("train", "val")}, data.classes, "products", products_file)
+    image_loaded = load_model_module(image_model_dir, expected_kind="image")
+    text_loaded = load_model_module(text_model_dir, expected_kind="text")
+    for loaded, directory in ((image_loaded, image_model_dir), (text_loaded, text_model_dir)):
+        if loaded.config["classes"] != data.classes:
+            raise PipelineError(f"{directory} was trained on other classes than {Path(clean_dir) / 'labels.json'}; retrain it first")
+    image_tower, text_tower = image_loaded.module, text_loaded.module
+    preprocessor, tokenizer = image_loaded.preprocessor, text_loaded.tokenizer
+    max_length = int(text_loaded.config["preprocessing"]["text"]["max_length"])
+
+    seed_everything(settings.seed)
+    with deterministic():
+        fusion = models.build_fusion_head(params, image_tower.embedding_dim, text_tower.embedding_dim, len(data.classes))
+        model = models.MultimodalClassifier(image_tower, text_tower, fusion, pooling)
+        splits = {s: data.products_of(s) for s in ("train", "val")}
+        lineage = {"image_model": file_sha256(Path(image_model_dir) / "model.pt"), "text_model": file_sha256(Path(text_model_dir) / "model.pt")}
+        ids = {s: frame["product_id"].astype(str).tolist() for s, frame in splits.items()}
+        settings = _with_fingerprint(settings, _fingerprint_for("multimodal", params, [fingerprint(ids), data.classes, lineage]))
+        if fine_tune:
+            augmentation = image_loaded.config["preprocessing"].get("augmentation", [])
+            train_set = ds.multimodal_dataset(data, "train", models.TrainImageTransform(preprocessor, augmentation))
+            val_set = ds.multimodal_dataset(data, "val", preprocessor)
+            towers = [*image_tower.parameters(), *text_tower.parameters()]
+            groups = [
+                {"params": towers, "lr": tower_lr, "weight_decay": weight_decay},
+                {"params": list(fusion.parameters()), "lr": lr, "weight_decay": weight_decay},
+            ]
+            collate = ds.MultimodalCollate(tokenizer, max_length, preprocessor.input_size)
+            outcome = fit(model, groups, train_set, val_set, collate, settings, resume, on_epoch_end)
+        else:
+            model.image_tower.requires_grad_(False)
+            model.text_tower.requires_grad_(False)
+            text_config = text_loaded.config["architecture"]
+            identity = (
+                {"encoder": text_config["encoder"], "weights": "pretrained"}
+                if not text_config.get("fine_tuned")
+                else {"encoder": text_config["encoder"], "weights": lineage["text_model"]}
+            )
+            by_product = data.image_paths_by_product()
+            features = {}
+            for split, frame in splits.items():
+                image_emb, image_present = product_image_embeddings(
+                    image_tower, preprocessor, [by_product.get(p, []) for p in frame["product_id"]], settings.device, pooling, progress=progress
+                )
+                text_emb = cached_text_embeddings(
+                    _embedding_cache_dir(params), identity, text_tower.encoder, tokenizer, frame["text"].tolist(), max_length, settings.device, progress
+                )
+                features[split] = {
+                    "image_emb": image_emb,
+                    "image_present": image_present,
+                    "text_emb": text_emb,
+                    "text_present": torch.tensor([bool(t) for t in frame["text"]], dtype=torch.bool),
+                }
+            train_set, val_set = (ds.TensorDictDataset(features[s], splits[s]["label"].tolist()) for s in ("train", "val"))
+            groups = [{"params": list(fusion.parameters()), "lr": lr, "weight_decay": weight_decay}]
+            outcome = fit(fusion, groups, train_set, val_set, ds.collate_tensor_dicts, settings, resume, on_epoch_end)
+
+    config = _base_config("multimodal", data.classes, params, outcome, settings.device)
+    config.update(
+        {
+            "embedding_dim": fusion.embedding_dim,
+            "architecture": {
+                "type": "MultimodalClassifier",
+                "image_pooling": pooling,
+                "hidden_dim": fusion.embedding_dim,
+                "dropout": float(params.get("dropout", 0.2)),
+                "modality_dropout": fusion.modality_dropout,
+                "towers_fine_tuned": fine_tune,
+                "n_classes": len(data.classes),
+                "image_dim": image_tower.embedding_dim,
+                "text_dim": text_tower.embedding_dim,
+                "embedding": "ReLU(Linear([LayerNorm(image), LayerNorm(text)])): the fused hidden layer",
+                "image_tower": image_loaded.config["architecture"],
+                "text_tower": {**text_loaded.config["architecture"], "encoder_dir": "encoder"},
+            },
+            "preprocessing": {
+                "image": image_loaded.config["preprocessing"]["image"],
+                "augmentation": image_loaded.config["preprocessing"].get("augmentation", []),
+                "text": text_loaded.config["preprocessing"]["text"],
+            },
+            "towers": {"image_model": str(image_model_dir), "text_model": str(text_model_dir), "sha256": lineage},
+        }
+    )
+    model.cpu().eval()
+    save_model_dir(out_dir, config, model, outcome.history, encoder_files=(tokenizer, text_tower.encoder.transformer))
+    return _result("multimodal", Path(out_dir), outcome, settings.device, config, model, tokenizer)

@@ -1,0 +1,311 @@
+"""Development helpers for the service: a tiny real bundle and a `bentoml serve` subprocess.
+
+Used by tests/test_service.py, tests/test_search_page.py and benchmarks/load_test.py.
+
+* `make_tiny_clean_dir(dir)` writes a small dataset following the Clean contract
+  (docs/ARCHITECTURE.md, "Clean"): 3 categories, distinctive words and photo colours.
+* `build_tiny_bundle(workdir)` trains REAL tiny models on it for one epoch with the
+  pipeline's own training functions (image, text, multimodal, price), builds their
+  indexes with pipeline_steps.index and packages a bundle with
+  pipeline_steps.packaging.assemble_bundle. CPU, about a minute.
+* `ServiceProcess` starts `bentoml serve service.service:MarketplaceSearch` on a free
+  port with MARKETPLACE_BUNDLE_DIR/BENTOML_HOME set, waits for /readyz and stops it
+  (terminate the process group, wait, kill).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline_steps.config import PROJECT_ROOT, load_params
+
+SERVICE_TARGET = "service.service:MarketplaceSearch"
+MODEL_VERSION = "1"
+
+# category -> (photo colour, words)
+TINY_CATEGORIES: dict[str, tuple[tuple[int, int, int], list[str]]] = {
+    "Appliances": ((200, 40, 40), ["fridge freezer", "washing machine", "microwave oven", "tumble dryer", "dishwasher"]),
+    "Home & Garden": ((40, 160, 60), ["garden bench", "oak dining table", "lawn mower", "sofa bed", "flower pots"]),
+    "Music, Films, Books & Games": (
+        (40, 60, 200),
+        ["acoustic guitar", "digital piano", "drum kit", "vinyl records", "violin with case"],
+    ),
+}
+TOWNS = [("Leeds", "West Yorkshire"), ("Bristol", "Bristol"), ("Norwich", "Norfolk"), ("Bath", "Somerset")]
+
+
+def make_tiny_clean_dir(clean_dir: str | Path, per_class: int = 10, image_size: int = 64, seed: int = 0) -> Path:
+    """A small clean layer: products/images/listings parquet, images/<id>.jpg, labels.json, manifest.json."""
+    clean_dir = Path(clean_dir)
+    (clean_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    classes = sorted(TINY_CATEGORIES)
+    products: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    splits = ["train"] * (per_class - 4) + ["val", "val", "test", "test"]
+    for label, category in enumerate(classes):
+        colour, words = TINY_CATEGORIES[category]
+        for i in range(per_class):
+            pid = f"{label}{i:03d}-{category[:4].lower().replace(' ', '')}"
+            name = f"{words[i % len(words)].title()} {i}"
+            description = f"Used {words[i % len(words)]} in good condition, collection only. {words[(i + 1) % len(words)]}."
+            town, county = TOWNS[i % len(TOWNS)]
+            split = splits[i]
+            n_images = 0 if (i == per_class - 1) else 1 + (i % 2)
+            products.append(
+                {
+                    "product_id": pid,
+                    "product_name": name,
+                    "product_description": description,
+                    "text": f"{name}. {description}",
+                    "category_path": f"{category} / Sub / Leaf",
+                    "category": category,
+                    "label": label,
+                    "price": float(round(20 + 15 * label + 3 * i + rng.uniform(0, 5), 2)),
+                    "price_is_outlier": False,
+                    "location": f"{town}, {county}",
+                    "town": town,
+                    "county": county,
+                    "n_images": n_images,
+                    "split": split,
+                }
+            )
+            for j in range(n_images):
+                image_id = f"img-{pid}-{j}"
+                noise = rng.integers(-40, 40, size=(image_size, image_size, 3))
+                pixels = np.clip(np.array(colour)[None, None, :] + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, "RGB").save(clean_dir / "images" / f"{image_id}.jpg", quality=90)
+                images.append(
+                    {"image_id": image_id, "product_id": pid, "path": f"images/{image_id}.jpg", "split": split, "label": label}
+                )
+    products_df = pd.DataFrame(products)
+    images_df = pd.DataFrame(images)
+    listings = products_df.merge(images_df[["image_id", "product_id"]], on="product_id", how="left")
+    products_df.to_parquet(clean_dir / "products.parquet", index=False)
+    images_df.to_parquet(clean_dir / "images.parquet", index=False)
+    listings.to_parquet(clean_dir / "listings.parquet", index=False)
+    (clean_dir / "labels.json").write_text(
+        json.dumps({"classes": classes, "label_to_index": {c: i for i, c in enumerate(classes)}}, indent=2)
+    )
+    manifest = {
+        "products": {s: int((products_df["split"] == s).sum()) for s in ("train", "val", "test")},
+        "images": {s: int((images_df["split"] == s).sum()) for s in ("train", "val", "test")},
+    }
+    (clean_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return clean_dir
+
+
+def tiny_train_params(workdir: Path, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """params.yaml with `train:` shrunk to one quick CPU epoch, everything written under `workdir`."""
+    params = copy.deepcopy(dict(params or load_params()))
+    train = params["train"]
+    train.update(
+        device="cpu", mixed_precision=False, num_workers=0, early_stopping_patience=1,
+        models_dir=str(workdir / "models"), checkpoints_dir=str(workdir / "checkpoints"),
+    )
+    train["image"].update(epochs=1, batch_size=16, input_size=32, weights=None, augmentation=[], embedding_dim=32)
+    train["text"].update(epochs=1, batch_size=16, max_length=32, hidden_dim=32, fine_tune=False)
+    train["multimodal"].update(epochs=1, batch_size=16, hidden_dim=32)
+    return params
+
+
+def _model_name(kind: str) -> str:
+    return f"marketplace-{kind}-classifier" if kind != "price" else "marketplace-price-estimator"
+
+
+def build_tiny_bundle(workdir: str | Path, progress: bool = False) -> Path:
+    """Train tiny real models on a tiny clean dataset, index them and package a bundle; return the bundle dir."""
+    from pipeline_steps.baselines import train_price_estimator
+    from pipeline_steps.index import SimilarityIndex
+    from pipeline_steps.inference import load_classifier, predict_split
+    from pipeline_steps.packaging import assemble_bundle
+    from pipeline_steps.training import (
+        train_image_classifier,
+        train_multimodal_classifier,
+        train_text_classifier,
+    )
+
+    workdir = Path(workdir)
+    clean_dir = make_tiny_clean_dir(workdir / "clean")
+    params = tiny_train_params(workdir)
+    models_dir = workdir / "models"
+    train_image_classifier(clean_dir, params["train"], models_dir / "image", progress=progress)
+    train_text_classifier(clean_dir, params["train"], models_dir / "text", progress=progress)
+    train_multimodal_classifier(
+        clean_dir, params["train"], models_dir / "image", models_dir / "text", models_dir / "multimodal", progress=progress
+    )
+    train_price_estimator(clean_dir, params, models_dir / "price")
+
+    index_dirs: dict[str, Path] = {}
+    for kind in ("image", "text", "multimodal"):
+        classifier = load_classifier(models_dir / kind, device="cpu")
+        split = predict_split(classifier, clean_dir, None, progress=progress)
+        ids = split.ids[["product_id", "image_id"]].reset_index(drop=True)
+        index = SimilarityIndex.build(
+            split.embeddings, ids, kind=kind, factory="Flat", use_gpu=False,
+            model_name=_model_name(kind), model_version=MODEL_VERSION,
+        )
+        index_dirs[kind] = index.save(workdir / "index" / kind)
+
+    model_dirs = {
+        kind: (models_dir / kind, _model_name(kind), MODEL_VERSION) for kind in ("image", "text", "multimodal", "price")
+    }
+    return assemble_bundle(workdir / "bundle", model_dirs, index_dirs, clean_dir)
+
+
+def _source_fingerprint() -> str:
+    """Hash of the code and params a tiny bundle depends on (a change rebuilds it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted((PROJECT_ROOT / "pipeline_steps").glob("*.py")) + [Path(__file__), PROJECT_ROOT / "params.yaml"]
+    for path in files:
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_tiny_bundle(cache_root: str | Path, progress: bool = False) -> Path:
+    """`build_tiny_bundle` once per version of the code: reused from `cache_root/<fingerprint>/`.
+
+    A lock file serialises concurrent builders (e.g. two test modules run in parallel).
+    """
+    import fcntl
+    import shutil
+
+    cache_root = Path(cache_root)
+    workdir = cache_root / _source_fingerprint()
+    bundle = workdir / "bundle"
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with (cache_root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (bundle / "bundle.json").is_file():
+            return bundle
+        for stale in cache_root.iterdir():
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        return build_tiny_bundle(workdir, progress=progress)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServiceProcess:
+    """`bentoml serve` of the marketplace service in a subprocess (its own process group)."""
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        bentoml_home: str | Path,
+        log_path: str | Path,
+        port: int | None = None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.bentoml_home = Path(bentoml_home)
+        self.log_path = Path(log_path)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.extra_env = dict(extra_env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = None
+
+    def env(self) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "MARKETPLACE_BUNDLE_DIR": str(self.bundle_dir),
+            "BENTOML_HOME": str(self.bentoml_home),
+            "BENTOML_DO_NOT_TRACK": "true",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 180.0) -> ServiceProcess:
+        import requests
+
+        self.bentoml_home.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_TARGET, "--port", str(self.port), "--host", "127.0.0.1"]
+        self.proc = subprocess.Popen(
+            cmd, cwd=PROJECT_ROOT, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"`bentoml serve` exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"service not ready within {timeout:.0f}s:\n{self.log_tail()}")
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait for the server to exit on its own (e.g. refusing a bad bundle); its return code or None."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def log_tail(self, n_chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n_chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the server's process group, wait, then SIGKILL what is left."""
+        proc = self.proc
+        if proc is not None:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:  # workers left behind in the group
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,277 @@
+"""BentoML service: category prediction, price estimate, embeddings and similar-listing search.
+
+Run locally against a bundle directory (no model store needed)::
+
+    MARKETPLACE_BUNDLE_DIR=artifacts/bundle bentoml serve service.service:MarketplaceSearch
+
+Without MARKETPLACE_BUNDLE_DIR the bundle is the BentoML model `serve.bundle_model`
+(params.yaml), which is also what `bentoml build` packs into the Bento.
+
+Endpoints (POST, JSON or multipart/form-data; photos as the multipart file field `image`):
+/predict, /embed, /search, /metadata; the search page is at /ui/; BentoML's /livez, /readyz,
+/metrics and /docs.json stay. Bad requests get a 4xx `{"error": ..., "status": ...}`.
+
+NB: no `from __future__ import annotations` here: BentoML infers the API schemas from the
+real annotations.
+"""
+
+import asyncio
+import functools
+import logging
+import os
+import typing
+from http import HTTPStatus
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import bentoml
+from bentoml.exceptions import BentoMLException, InvalidArgument
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+
+from pipeline_steps.config import load_params
+from service.engine import MarketplaceEngine, MicroBatcher, preflight_bundle
+from service.request_validation import Limits, RequestError, check_text, decode_image
+
+logger = logging.getLogger("bentoml.marketplace")
+
+BUNDLE_DIR_ENV = "MARKETPLACE_BUNDLE_DIR"
+PARAMS_ENV = "MARKETPLACE_PARAMS"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+UI_PATH = "/ui"
+
+
+def _serve_params() -> typing.Dict[str, typing.Any]:
+    params = load_params(os.environ.get(PARAMS_ENV) or None)
+    serve = params.get("serve") or {}
+    if not isinstance(serve, dict):
+        raise ValueError("params.yaml key 'serve' must be a mapping")
+    return serve
+
+
+def _harden_multipart_parsing() -> None:
+    """Two BentoML 1.4.40 multipart behaviours that would answer a client's mistake with a 500.
+
+    * A non-file multipart value of a file parameter is treated as a URL and fetched by the
+      server (a 500 for anything that is not a reachable URL, and a request-forgery surface):
+      here a photo must be uploaded as a file part -> 400.
+    * Starlette refuses a malformed form or a text field over 1 MB with an HTTPException(400),
+      which BentoML's API wrapper turns into a 500 -> passed on as a 4xx with its reason.
+    """
+    try:
+        from _bentoml_impl.serde import MultipartSerde
+        from starlette.datastructures import UploadFile
+        from starlette.exceptions import HTTPException as StarletteHTTPException
+    except ImportError:  # another BentoML layout: keep its behaviour
+        return
+    if getattr(MultipartSerde, "__marketplace_hardened__", False):
+        return
+    original_parse = MultipartSerde.parse_request
+
+    async def parse_request(self: typing.Any, request: typing.Any, cls: typing.Any) -> typing.Any:
+        try:
+            return await original_parse(self, request, cls)
+        except StarletteHTTPException as exc:
+            if not 400 <= exc.status_code < 500:
+                raise
+            detail = str(exc.detail)
+            if "maximum size" in detail:
+                raise BentoMLException(
+                    f"a multipart text field is too large ({detail}); 'text' may hold at most "
+                    f"{LIMITS.max_text_chars:,} characters",
+                    error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                ) from exc
+            raise InvalidArgument(f"malformed multipart/form-data request: {detail}") from exc
+
+    async def ensure_file(obj: typing.Any) -> typing.Any:
+        if isinstance(obj, UploadFile):
+            return obj
+        raise InvalidArgument(
+            "'image' must be uploaded as a file (a multipart/form-data part with a filename); "
+            "text values and URLs are not accepted"
+        )
+
+    MultipartSerde.ensure_file = staticmethod(ensure_file)
+    MultipartSerde.parse_request = parse_request
+    MultipartSerde.__marketplace_hardened__ = True
+
+
+SERVE = _serve_params()
+LIMITS = Limits.from_params(SERVE)
+_harden_multipart_parsing()
+BUNDLE_MODEL = str(SERVE.get("bundle_model", "marketplace-bundle"))
+SERVICE_NAME = str(SERVE.get("bento_name", "marketplace-search"))
+BATCH_MAX_SIZE = int(SERVE.get("batch_max_size", 32))
+BATCH_MAX_LATENCY_MS = float(SERVE.get("batch_max_latency_ms", 50))
+
+if os.environ.get(BUNDLE_DIR_ENV):
+    # Fail `bentoml serve` itself (not just each worker, which BentoML would restart forever)
+    # when the bundle directory is unusable or an index does not match its model version.
+    preflight_bundle(os.environ[BUNDLE_DIR_ENV])
+
+# The search page and thumbnails: a FastAPI app mounted into the BentoML server at /ui.
+ui_app = FastAPI(title="Marketplace search page", docs_url=None, redoc_url=None, openapi_url=None)
+ui_app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+# `Path = None`, not Optional[Path]: BentoML 1.4.40 cannot build a schema for Optional[Path]
+# ("unhashable type: FileSchema"), and a PIL.Image parameter would be decoded by BentoML
+# before our checks (a non-image upload would then be a 500).
+OptionalImage = Path
+JSONDict = typing.Dict[str, typing.Any]
+
+
+@bentoml.service(
+    name=SERVICE_NAME,
+    workers=1,
+    traffic={"timeout": 120, "max_concurrency": 256},
+)
+@bentoml.asgi_app(ui_app, path=UI_PATH)
+class MarketplaceSearch:
+    """Marketplace listings: predict a category (and a price), embed, and find similar listings."""
+
+    # Referenced here so `bentoml build` packs the bundle into the Bento. Skipped when a
+    # bundle directory is given (local development, tests), so no model store is needed.
+    if not os.environ.get(BUNDLE_DIR_ENV):
+        bundle_model = bentoml.models.BentoModel(f"{BUNDLE_MODEL}:latest")
+
+    def __init__(self) -> None:
+        bundle_dir = os.environ.get(BUNDLE_DIR_ENV)
+        if bundle_dir:
+            path, source = Path(bundle_dir), f"{BUNDLE_DIR_ENV}={bundle_dir}"
+        else:
+            stored = self.bundle_model
+            path, source = Path(stored.path), f"BentoML model {stored.tag}"
+        try:
+            self.engine = MarketplaceEngine(path, LIMITS, thumbnail_prefix=f"{UI_PATH}/thumbnails/")
+        except Exception as exc:
+            logger.error("marketplace service cannot start from %s: %s", source, exc)
+            raise RuntimeError(f"marketplace service cannot start from {source}: {exc}") from exc
+        self.engine.warm_up()
+        self.source = source
+        # One model thread: the batches run one after another (torch already uses every core).
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marketplace-model")
+        self.batchers: typing.Dict[typing.Tuple[str, str], MicroBatcher] = {}
+        for kind in self.engine.classifiers:
+            for op, fn in (("predict", self.engine.predict_batch), ("embed", self.engine.embed_batch)):
+                self.batchers[(op, kind)] = MicroBatcher(
+                    functools.partial(fn, kind),
+                    max_batch_size=BATCH_MAX_SIZE,
+                    max_latency_ms=BATCH_MAX_LATENCY_MS,
+                    executor=self.executor,
+                    name=f"{op}-{kind}",
+                )
+        logger.info("marketplace service ready (%s)", source)
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _inputs(
+        self, image: typing.Optional[Path], text: typing.Optional[str]
+    ) -> typing.Tuple[typing.Optional[Image.Image], typing.Optional[str], str]:
+        """Validate outside the batch: text first (cheap), then the photo in a worker thread."""
+        clean_text = check_text(text, LIMITS)
+        photo = None
+        if image is not None:
+            photo = await asyncio.to_thread(decode_image, image, LIMITS)
+        kind = self.engine.kind_for(photo is not None, clean_text is not None)
+        return photo, clean_text, kind
+
+    @staticmethod
+    def _refuse(ctx: bentoml.Context, error: RequestError) -> JSONDict:
+        ctx.response.status_code = error.status
+        return error.to_dict()
+
+    # ------------------------------------------------------------------ APIs
+
+    @bentoml.api
+    async def predict(
+        self,
+        image: OptionalImage = None,
+        text: typing.Optional[str] = None,
+        *,
+        ctx: bentoml.Context,
+    ) -> JSONDict:
+        """Predict the category of a listing from a photo and/or its text; with text, also estimate its price (GBP).
+
+        Photo only -> image model, text only -> text model, both -> multimodal model.
+        Returns {"category", "probabilities": {category: p}, "model": {"kind","name","version"}}
+        plus "price_estimate" (GBP) and "price_model" when text is given.
+        """
+        try:
+            photo, clean_text, kind = await self._inputs(image, text)
+        except RequestError as error:
+            return self._refuse(ctx, error)
+        result = await self.batchers[("predict", kind)].submit((photo, clean_text))
+        return self.engine.format_prediction(kind, result, with_price=clean_text is not None)
+
+    @bentoml.api
+    async def embed(
+        self,
+        image: OptionalImage = None,
+        text: typing.Optional[str] = None,
+        *,
+        ctx: bentoml.Context,
+    ) -> JSONDict:
+        """The model's embedding of a photo and/or text: {"embedding": [...], "dim", "model"} (not normalised)."""
+        try:
+            photo, clean_text, kind = await self._inputs(image, text)
+        except RequestError as error:
+            return self._refuse(ctx, error)
+        vector = await self.batchers[("embed", kind)].submit((photo, clean_text))
+        return self.engine.format_embedding(kind, vector)
+
+    @bentoml.api
+    async def search(
+        self,
+        image: OptionalImage = None,
+        text: typing.Optional[str] = None,
+        k: int = 10,
+        category: typing.Optional[str] = None,
+        *,
+        ctx: bentoml.Context,
+    ) -> JSONDict:
+        """The k listings most similar to a photo and/or text, best first (cosine score).
+
+        Photo only -> image index (one result per product), text only -> text index, both ->
+        multimodal index. `k` in 1..serve.max_k; `category` (optional) keeps only that category.
+        Returns {"results": [{"product_id","image_id","score","product_name","price","location",
+        "category","thumbnail_url"}], "model", "index", "category", "k"}.
+        """
+        try:
+            photo, clean_text, kind = await self._inputs(image, text)
+            k, category = self.engine.check_search(kind, k, category)
+        except RequestError as error:
+            return self._refuse(ctx, error)
+        vector = await self.batchers[("embed", kind)].submit((photo, clean_text))
+        return await asyncio.to_thread(self.engine.search_vector, kind, vector, k, category)
+
+    @bentoml.api
+    async def metadata(self) -> JSONDict:
+        """Model names and versions, index sizes, categories, limits and the bundle's build time."""
+        info = self.engine.metadata()
+        info["source"] = self.source
+        info["batching"] = {
+            f"{op}-{kind}": batcher.stats() for (op, kind), batcher in self.batchers.items()
+        }
+        return info
+
+    # ------------------------------------------------------------------ search page (mounted at /ui)
+
+    @ui_app.get("/", include_in_schema=False)
+    def search_page(self) -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @ui_app.get("/thumbnails/{image_id}.jpg", response_class=FileResponse)
+    def thumbnail(self, image_id: str):
+        """A listing photo's thumbnail (JPEG) by image id; 404 for ids not in the bundle."""
+        path = self.engine.thumbnail_path(image_id)
+        if path is None:
+            return JSONResponse({"error": f"no thumbnail for image id {image_id[:100]!r}", "status": 404},
+                                status_code=404)
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+
+
+@ui_app.get("/index.html", include_in_schema=False)
+def _index_alias() -> RedirectResponse:
+    return RedirectResponse(url=f"{UI_PATH}/")

