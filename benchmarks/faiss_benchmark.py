@@ -309,7 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-markdown", type=Path, default=None,
                         help="replace/append the '## FAISS alone' section of this file (e.g. BENCHMARKS.md)")
     parser.add_argument("--note", action="append", default=[], help="a line added under the table")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="no benchmarking: render this JSON report (from --out x.json) as markdown "
+                             "(to --update-markdown, else stdout); --note lines are added")
     args = parser.parse_args(argv)
+
+    if args.render is not None:
+        report = json.loads(args.render.read_text(encoding="utf-8"))
+        report["notes"] = [*report.get("notes", []), *args.note]
+        if args.update_markdown is not None:
+            update_markdown(args.update_markdown, to_markdown(report))
+        else:
+            print(to_markdown(report))
+        return 0
 
     logging.basicConfig(level=logging.WARNING)
     command = "python benchmarks/faiss_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)

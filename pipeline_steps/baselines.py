@@ -414,7 +414,8 @@ class SklearnTextClassifier:
     """Loaded text baseline. `predict_proba(texts)` → (n, n_classes); None texts count as ''.
 
     `images` is accepted and ignored, so callers can use the neural classifiers' keyword
-    form `predict_proba(images=..., texts=...)` for every model.
+    form `predict_proba(images=..., texts=...)` for every model (the positional order of the
+    neural models, images first, does not apply here: pass keywords when mixing kinds).
     """
 
     kind = KIND_TEXT
@@ -491,10 +492,10 @@ class SklearnPriceEstimator:
     """
 
     kind = KIND_PRICE
-    classes: list[str] = []
 
     def __init__(self, model: Pipeline, config: Mapping[str, Any]) -> None:
         self.model = model
+        self.classes: list[str] = []  # a regressor: no classes (kept so callers can test `.classes`)
         self.config = dict(config)
         self.median_price = float(self.config.get("median_price", float("nan")))
 

@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pipeline_steps import io_utils
 from pipeline_steps.errors import ConfigError, DataValidationError
 from pipeline_steps.images import IMAGE_MISSING, ImageResult, ImageTask, convert_images
-from pipeline_steps.splitting import SPLITS, assign_splits
+from pipeline_steps.splitting import SPLITS, assign_splits, split_settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ def parse_price(value: Any) -> float | None:
     Returning None (not NaN) makes the caller decide, and the caller rejects the row:
     a listing whose price is unknown must not silently train the price model.
     """
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if _is_missing(value):
         return None
     match = _PRICE_RE.match(str(value).strip())
     if match is None:
@@ -94,11 +93,17 @@ def normalise_whitespace(value: Any) -> str:
 
     `\\r` separates lines in the real descriptions ("table\\rOriginal text"), so it
     becomes a space rather than vanishing, which would glue two words together.
-    Non-ASCII characters (emoji, curly quotes, accents) are kept untouched.
+    Non-ASCII characters (emoji, curly quotes, accents) are kept untouched; only
+    whitespace (including non-breaking spaces) is collapsed.
     """
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if _is_missing(value):
         return ""
     return _WHITESPACE_RE.sub(" ", str(value).replace("\r", " ")).strip()
+
+
+def _is_missing(value: Any) -> bool:
+    """None, NaN and pd.NA (what a null parquet cell reads back as), never a real string."""
+    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
 
 
 def strip_gumtree_suffix(name: str) -> str:
@@ -477,21 +482,25 @@ def rejects_of(rejects: pd.DataFrame, source_file: str, reason: str) -> int:
 def clean_dataset(validated_dir: Path, raw_images_dir: Path, out_dir: Path, cleaning_params: dict) -> dict:
     """Run the clean stage: read the validated layer, write the clean layer, return the manifest.
 
-    The photos are converted into a temporary folder that replaces out_dir/images
-    as a whole; every table is finished in memory before that swap, and each file
-    is then written atomically, manifest.json last (its presence means a complete run).
+    Settings are checked before any work. The photos are converted into a temporary
+    folder that replaces out_dir/images as a whole (no stale photo survives a rerun);
+    every table is finished in memory before that swap, so a failure leaves the
+    previous clean layer untouched; each file is then written atomically, manifest.json last.
     """
     validated_dir, raw_images_dir, out_dir = Path(validated_dir), Path(raw_images_dir), Path(out_dir)
     image_size, pad_colour = image_settings(cleaning_params)
+    workers = worker_setting(cleaning_params)
+    split_settings(cleaning_params.get("split", {}))
     raw_products = read_validated(validated_dir / "products.parquet")
     raw_images = read_validated(validated_dir / "images.parquet")
 
     cleaned = clean_products(raw_products, cleaning_params)
     linked, link_rejects = link_images(raw_images, cleaned.products, cleaned.rejects)
     with io_utils.atomic_dir(out_dir / IMAGES_SUBDIR) as tmp_images:
+        tmp_images.chmod(0o755)  # mkdtemp makes it private; the photos are read by other tools and users
         results = convert_images(
             image_tasks(linked, raw_images_dir, tmp_images), image_size, pad_colour,
-            workers=cleaning_params.get("num_workers", 1), progress=bool(cleaning_params.get("progress", True)),
+            workers=workers, progress=bool(cleaning_params.get("progress", True)),
         )
         images, image_rejects, by_mode = apply_image_results(linked, results)
         products, images = assign_splits(count_images(cleaned.products, images), images, cleaning_params.get("split", {}))
@@ -520,6 +529,14 @@ def image_settings(cleaning_params: Mapping[str, Any]) -> tuple[int, tuple[int, 
     if not isinstance(pad, (list, tuple)) or len(pad) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in pad):
         raise ConfigError(f"params.yaml key 'cleaning.pad_colour' must be three integers 0..255, got {pad!r}")
     return size, (pad[0], pad[1], pad[2])
+
+
+def worker_setting(cleaning_params: Mapping[str, Any]) -> int | str:
+    """`cleaning.num_workers`: threads converting photos (1 = in this thread, 'auto' = one per CPU)."""
+    workers = cleaning_params.get("num_workers", 1)
+    if workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+        return workers
+    raise ConfigError(f"params.yaml key 'cleaning.num_workers' must be a positive integer or 'auto', got {workers!r}")
 
 
 def read_validated(path: Path) -> pd.DataFrame:

@@ -14,27 +14,21 @@ result with the error, so the caller can put the row in rejects.csv.
 
 from __future__ import annotations
 
-import logging
-import multiprocessing
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-LOGGER = logging.getLogger(__name__)
-
 JPEG_QUALITY = 90
 IMAGE_MISSING = "image file not found"
 # Modes whose samples are wider than 8 bits: converting them with PIL clips, so they are rescaled.
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-# Photos sent to a worker per call: big enough to amortise inter-process overhead.
-DEFAULT_CHUNK_SIZE = 64
 
 RGB = tuple[int, int, int]
 
@@ -79,9 +73,21 @@ def _prepare(src_path: str | Path, size: int, pad_colour: Sequence[int]) -> tupl
             # for camera-sized JPEGs, no visible loss since the result is downscaled anyway.
             opened.draft(opened.mode, (size, size))
         opened.load()
-        image = ImageOps.exif_transpose(opened)
+        image = upright(opened)
     rgb = to_rgb(image, pad)
     return pad_to_square(resize_to_fit(rgb, size), size, pad), source_mode
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a photo whose EXIF block is damaged is used as stored.
+
+    Broken metadata is common in phone exports and says nothing about the pixels,
+    so it must not cost the listing its photo.
+    """
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - any EXIF parsing failure: keep the stored orientation
+        return image.copy()
 
 
 def to_rgb(image: Image.Image, pad_colour: RGB = (0, 0, 0)) -> Image.Image:
@@ -145,63 +151,43 @@ def convert_images(
     pad_colour: Sequence[int] = (0, 0, 0),
     workers: int | str | None = 1,
     progress: bool = True,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> list[ImageResult]:
-    """Convert every photo, in task order, with a tqdm bar; `workers` > 1 uses a process pool.
+    """Convert every photo with a tqdm bar; results come back in task order whatever `workers` is.
 
-    Results come back in the order of `tasks` whatever the number of workers, so the
-    outputs do not depend on scheduling. The pool uses the "spawn" start method:
-    forking a process that already runs threads (Prefect, MLflow, pyarrow) can deadlock.
-    Spawned workers re-import the caller's `__main__`; a script without the
-    `if __name__ == "__main__":` guard breaks the pool, in which case the
-    remaining work is done in this process (with a warning) instead of failing.
+    `workers` > 1 uses threads, not processes: Pillow releases the GIL while it
+    decodes, resizes and encodes, so threads use both cores of a small machine
+    without the costs of a process pool (each spawned worker re-imports the
+    caller's `__main__`, which for a Prefect flow means importing Prefect again,
+    and a script without an `if __name__ == "__main__":` guard breaks the pool).
+    Measured on the real export (7,597 photos, 2 cores): processes were never
+    faster than threads.
     """
     task_list = list(tasks)
-    n_workers = resolve_workers(workers, len(task_list), chunk_size)
-    bar = tqdm(total=len(task_list), desc="clean images", unit="img", disable=not progress, mininterval=1.0)
-    with bar:
-        if n_workers > 1:
-            try:
-                return _convert_in_pool(task_list, size, pad_colour, n_workers, chunk_size, bar)
-            except BrokenProcessPool as error:
-                LOGGER.warning("image worker pool failed (%s); converting in this process instead", error)
-                bar.reset(total=len(task_list))
-        return _convert_serially(task_list, size, pad_colour, bar)
+    n_workers = resolve_workers(workers, len(task_list))
+    convert = partial(convert_one, size=size, pad_colour=tuple(pad_colour))
+    with tqdm(total=len(task_list), desc="clean images", unit="img", disable=not progress, mininterval=1.0) as bar:
+        if n_workers == 1:
+            return [_counted(bar, convert(task)) for task in task_list]
+        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="clean-images") as pool:
+            return [_counted(bar, result) for result in pool.map(convert, task_list)]
 
 
-def resolve_workers(workers: int | str | None, n_tasks: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
-    """Processes to use: 'auto'/0/None means one per CPU; never more than there are chunks of work."""
+def _counted(bar: tqdm, result: ImageResult) -> ImageResult:
+    bar.update()
+    return result
+
+
+def resolve_workers(workers: int | str | None, n_tasks: int) -> int:
+    """Threads to use: 'auto'/0/None means one per CPU; never more than there are photos."""
     if workers in (None, 0, "auto"):
         workers = os.cpu_count() or 1
-    n_chunks = max(1, -(-n_tasks // max(1, chunk_size)))
-    return max(1, min(int(workers), n_chunks))
-
-
-def _convert_serially(tasks: list[ImageTask], size: int, pad_colour: Sequence[int], bar: tqdm) -> list[ImageResult]:
-    results = []
-    for task in tasks:
-        results.append(convert_one(task, size, pad_colour))
-        bar.update()
-    return results
-
-
-def _convert_in_pool(
-    tasks: list[ImageTask], size: int, pad_colour: Sequence[int], workers: int, chunk_size: int, bar: tqdm
-) -> list[ImageResult]:
-    chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
-    results: list[ImageResult] = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        n = len(chunks)
-        for chunk_results in pool.map(_convert_chunk, chunks, [size] * n, [tuple(pad_colour)] * n):
-            results.extend(chunk_results)
-            bar.update(len(chunk_results))
-    return results
-
-
-def _convert_chunk(tasks: list[ImageTask], size: int, pad_colour: Sequence[int]) -> list[ImageResult]:
-    """Worker entry point: a chunk per call keeps inter-process traffic small."""
-    return [convert_one(task, size, pad_colour) for task in tasks]
+    try:
+        count = int(workers)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"workers must be a positive integer or 'auto', got {workers!r}") from None
+    if count < 0:
+        raise ValueError(f"workers must be a positive integer or 'auto', got {workers!r}")
+    return max(1, min(count, n_tasks))
 
 
 def _has_transparency(image: Image.Image) -> bool:
@@ -227,7 +213,7 @@ def _wide_to_uint8(image: Image.Image) -> np.ndarray:
     if image.mode.startswith("I;16"):
         scaled = values / 257.0
     else:
-        low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+        low, high = float(values.min()), float(values.max())
         if low >= 0 and high <= 255:
             scaled = values
         elif low >= 0 and high <= 65535:

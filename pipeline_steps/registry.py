@@ -96,14 +96,20 @@ def configure_tracking(registry_params: Mapping[str, Any], root: str | Path = PR
     artifact_location: str | None = None
     if db_path is not None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        artifact_dir = resolve_path(str(registry_params.get("artifact_root") or "mlruns/artifacts"), root).resolve()
+        if env_uri:
+            # A store the user chose keeps its artifacts beside its database, not in this project.
+            artifact_dir = (db_path.parent / "artifacts").resolve()
+        else:
+            artifact_dir = resolve_path(str(registry_params.get("artifact_root") or "mlruns/artifacts"), root).resolve()
         artifact_dir.mkdir(parents=True, exist_ok=True)
         artifact_location = artifact_dir.as_uri()
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(registry_uri)
-    _SET_BY_US["MLFLOW_TRACKING_URI"] = tracking_uri
-    _SET_BY_US["MLFLOW_REGISTRY_URI"] = registry_uri
+    # Remember only values that came from params.yaml: a user's own MLFLOW_TRACKING_URI must
+    # keep winning on every later call, even though MLflow echoes it back into os.environ.
+    _SET_BY_US["MLFLOW_TRACKING_URI"] = None if env_uri else tracking_uri
+    _SET_BY_US["MLFLOW_REGISTRY_URI"] = None if _user_env("MLFLOW_REGISTRY_URI") or env_uri else registry_uri
 
     name = str(registry_params["experiment"])
     with _store_lock(tracking_uri):

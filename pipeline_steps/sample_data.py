@@ -35,6 +35,8 @@ MANIFEST_NAME = "sample_manifest.json"
 FORMAT_VERSION = 1
 PRODUCT_COLUMNS = ("", "id", "product_name", "category", "product_description", "price", "location", "create_time")
 IMAGE_COLUMNS = ("", "id", "product_id", "bucket_link", "image_ref", "create_time")
+# The real export ends Products.csv lines with \n but Images.csv lines with \r\n.
+PRODUCTS_LINE_END, IMAGES_LINE_END = "\n", "\r\n"
 BUCKET_URL = "https://marketplace-sample.s3.eu-west-1.amazonaws.com/images/"
 JPEG_QUALITY = 85
 BAD_PRICES = ("Free", "", "£1,234,567.00")
@@ -268,7 +270,7 @@ TEXTURES = ("solid", "stripes", "dots", "checker", "noise")
 TEXT_SLOT_WEIGHTS = {"own": 0.58, "brand": 0.08, "family": 0.2, "other": 0.05, "filler": 0.09}
 WEAK_TEXT_RATE = 0.07
 GENERIC_SENTENCE_RATE = 0.25
-SHAPE_KEEP, PALETTE_KEEP, TEXTURE_KEEP = 0.75, 0.75, 0.75
+SHAPE_KEEP, PALETTE_KEEP, TEXTURE_KEEP = 0.85, 0.85, 0.85
 
 
 @dataclass(frozen=True)
@@ -465,7 +467,7 @@ def _make_product(index: int, root: str, content_root: str, params: SampleParams
         category=f"{root} / {path}",
         name=f"{title} | in {location} | Gumtree",
         description=description,
-        price=_format_price(_draw_price(rng, content)),
+        price=format_price(_draw_price(rng, content)),
         location=location,
         create_time=(_BASE_DATE + dt.timedelta(days=int(rng.integers(0, 3)))).isoformat(),
         n_images=n_images,
@@ -491,7 +493,8 @@ def _draw_price(rng: np.random.Generator, spec: CategorySpec) -> float:
     return float(max(1, round(value)))
 
 
-def _format_price(value: float) -> str:
+def format_price(value: float) -> str:
+    """The export's price text, e.g. 1234 -> "£1,234.00"; tests parse it back."""
     return f"£{value:,.2f}"
 
 
@@ -557,6 +560,8 @@ def _posted_by(rng: np.random.Generator, category: str, location: str) -> str:
 
 
 def _pick(rng: np.random.Generator, options: Sequence[Any], p: Sequence[float] | None = None) -> Any:
+    if p is None:
+        return options[int(rng.integers(len(options)))]
     return options[int(rng.choice(len(options), p=p))]
 
 
@@ -804,16 +809,16 @@ def render_photo(rng: np.random.Generator, spec: CategorySpec, size: tuple[int, 
     """A product 'photo': the root's shape, palette and texture, usually, among clutter."""
     width, height = size
     canvas = _background(rng, width, height)
-    for _ in range(int(rng.integers(0, 5))):
+    for _ in range(int(rng.integers(0, 4))):
         _draw_clutter(rng, canvas)
     shape = spec.shape if rng.random() < SHAPE_KEEP else _pick(rng, SHAPES)
     colour = _jitter(rng, _pick(rng, spec.palette)) if rng.random() < PALETTE_KEEP else _random_colour(rng)
     texture = spec.texture if rng.random() < TEXTURE_KEEP else _pick(rng, TEXTURES)
-    side = min(width, height) * rng.uniform(0.35, 0.85)
+    side = min(width, height) * rng.uniform(0.45, 0.9)
     centre = (rng.uniform(side / 2, width - side / 2), rng.uniform(side / 2, height - side / 2))
     mask = Image.new("L", (width, height), 0)
     ImageDraw.Draw(mask).polygon(_shape_points(shape, centre, side, rng.uniform(0, 360)), fill=255)
-    canvas.paste(_texture(rng, texture, colour, width, height), (0, 0), mask)
+    canvas.paste(_texture(rng, texture, colour, width, height, side), (0, 0), mask)
     if rng.random() < 0.3:
         _draw_clutter(rng, canvas)
     return canvas
@@ -824,24 +829,27 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     if rng.random() < 0.5:
         return Image.new("RGB", (width, height), top)
     blend = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
-    pixels = np.array(top, np.float32) * (1 - blend) + np.array(bottom, np.float32) * blend
-    return Image.fromarray(np.broadcast_to(pixels, (height, width, 3)).astype(np.uint8), "RGB")
+    column = np.array(top, np.float32) * (1 - blend) + np.array(bottom, np.float32) * blend
+    return Image.fromarray(column.astype(np.uint8), "RGB").resize((width, height), Image.Resampling.NEAREST)
 
 
 def _draw_clutter(rng: np.random.Generator, canvas: Image.Image) -> None:
     width, height = canvas.size
-    side = min(width, height) * rng.uniform(0.08, 0.3)
+    side = min(width, height) * rng.uniform(0.06, 0.22)
     centre = (rng.uniform(0, width), rng.uniform(0, height))
     points = _shape_points(_pick(rng, SHAPES), centre, side, rng.uniform(0, 360))
     ImageDraw.Draw(canvas).polygon(points, fill=_random_colour(rng))
 
 
 def _random_colour(rng: np.random.Generator) -> RGB:
-    return tuple(int(v) for v in rng.integers(0, 256, size=3))  # type: ignore[return-value]
+    red, green, blue = (int(v) for v in rng.integers(0, 256, size=3))
+    return red, green, blue
 
 
 def _jitter(rng: np.random.Generator, colour: RGB, amount: int = 30) -> RGB:
-    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in colour)  # type: ignore[return-value]
+    """Palette colours vary a little, as lighting and cameras do."""
+    red, green, blue = (int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in colour)
+    return red, green, blue
 
 
 def _shape_points(shape: str, centre: tuple[float, float], side: float, angle: float) -> list[tuple[float, float]]:
@@ -874,26 +882,35 @@ _UNIT_SHAPES: dict[str, list[tuple[float, float]]] = {
 }
 
 
-def _texture(rng: np.random.Generator, kind: str, colour: RGB, width: int, height: int) -> Image.Image:
-    """The fill of the main object; pattern period and angle vary so it is not a fixed template."""
+def _texture(rng: np.random.Generator, kind: str, colour: RGB, width: int, height: int,
+             side: float) -> Image.Image:
+    """The fill of the main object; the period follows the object's size so the pattern
+    survives the downscaling a model applies, and it varies so it is not a fixed template."""
     base = np.array(colour, np.float32)
     other = np.clip(base * 0.45 + (255 - base) * 0.1, 0, 255)
     if kind == "solid":
         return Image.new("RGB", (width, height), colour)
     if kind == "noise":
-        pixels = base + rng.normal(0, 45, size=(height, width, 1)).astype(np.float32)
-        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    period = float(rng.uniform(6, 16))
+        grain = max(1, int(side / 24))
+        small = rng.normal(0, 55, size=(height // grain + 1, width // grain + 1, 1)).astype(np.float32)
+        noisy = Image.fromarray(np.clip(base + small, 0, 255).astype(np.uint8), "RGB")
+        return noisy.resize((noisy.width * grain, noisy.height * grain), Image.Resampling.NEAREST).crop(
+            (0, 0, width, height))
+    on = _pattern(rng, kind, width, height, max(3.0, side * float(rng.uniform(0.12, 0.22))))
+    pixels = np.where(on[..., None], base.astype(np.uint8), other.astype(np.uint8))
+    return Image.fromarray(pixels, "RGB")
+
+
+def _pattern(rng: np.random.Generator, kind: str, width: int, height: int, period: float) -> np.ndarray:
+    """A boolean on/off mask; 1-D coordinates broadcast so only one full-size array is built."""
+    xs = np.arange(width, dtype=np.float32)[None, :]
+    ys = np.arange(height, dtype=np.float32)[:, None]
     if kind == "stripes":
         theta = rng.uniform(0, math.pi)
-        on = ((xs * math.cos(theta) + ys * math.sin(theta)) // period) % 2 == 0
-    elif kind == "dots":
-        on = ((xs % period - period / 2) ** 2 + (ys % period - period / 2) ** 2) > (period * 0.3) ** 2
-    else:  # checker
-        on = ((xs // period + ys // period) % 2) == 0
-    pixels = np.where(on[..., None], base, other)
-    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+        return ((xs * math.cos(theta) + ys * math.sin(theta)) // period) % 2 == 0
+    if kind == "dots":
+        return ((xs % period - period / 2) ** 2 + (ys % period - period / 2) ** 2) > (period * 0.3) ** 2
+    return ((xs // period + ys // period) % 2) == 0  # checker
 
 
 # ---------------------------------------------------------------- CSV
@@ -906,11 +923,11 @@ def _csv_field(value: str) -> str:
     return value
 
 
-def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]], line_end: str) -> None:
     """Hand-written because the csv module would quote every \r, hiding the real file's quirk."""
     lines = [",".join(_csv_field(cell) for cell in header)]
     lines.extend(",".join(_csv_field(cell) for cell in row) for row in rows)
-    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    path.write_bytes((line_end.join(lines) + line_end).encode("utf-8"))
 
 
 def _row_indices(n: int, rng: np.random.Generator) -> list[int]:
@@ -922,7 +939,7 @@ def _row_indices(n: int, rng: np.random.Generator) -> list[int]:
 def _write_products_csv(path: Path, ordered: list[Product], rng: np.random.Generator) -> None:
     rows = ([str(index), p.product_id, p.name, p.category, p.description, p.price, p.location, p.create_time]
             for index, p in zip(_row_indices(len(ordered), rng), ordered))
-    _write_csv(path, PRODUCT_COLUMNS, rows)
+    _write_csv(path, PRODUCT_COLUMNS, rows, PRODUCTS_LINE_END)
 
 
 def _write_images_csv(path: Path, jobs: list[ImageJob], rng: np.random.Generator) -> None:
@@ -930,7 +947,7 @@ def _write_images_csv(path: Path, jobs: list[ImageJob], rng: np.random.Generator
     listed = [job for job in jobs if job.in_csv]
     rows = ([str(i), job.image_id, job.product_id or "", f"{BUCKET_URL}{job.image_id}.jpg",
              "".join(rng.choice(alphabet, size=16)), job.create_time] for i, job in enumerate(listed))
-    _write_csv(path, IMAGE_COLUMNS, rows)
+    _write_csv(path, IMAGE_COLUMNS, rows, IMAGES_LINE_END)
 
 
 # ---------------------------------------------------------------- manifest
@@ -948,6 +965,8 @@ def _build_manifest(folder: Path, params: SampleParams, ordered: list[Product], 
         "generator": "pipeline_steps.sample_data",
         "format_version": FORMAT_VERSION,
         "params": params.as_dict(),
+        "n_products": len(ordered),
+        "n_images": sum(job.in_csv for job in jobs),
         "classes": class_names(),
         "counts": {
             "products": len(ordered),
@@ -961,7 +980,8 @@ def _build_manifest(folder: Path, params: SampleParams, ordered: list[Product], 
         "markers": {
             "bad_price_values": list(BAD_PRICES),
             "odd_image_formats": dict(ODD_MODE_FORMATS),
-            "read_csv": {"lineterminator": "\n"},
+            "read_csv": {"Products.csv": {"lineterminator": "\n"}, "Images.csv": {}},
+            "line_endings": {"Products.csv": "LF", "Images.csv": "CRLF"},
         },
         "sha256": {
             "Products.csv": file_sha256(folder / "Products.csv"),

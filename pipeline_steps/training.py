@@ -60,7 +60,7 @@ FORMAT_VERSION = 1
 LR_SCHEDULES = ("onecycle", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 #: shared keys that do not change what is learned, so a checkpoint may be resumed across them.
-RUNTIME_KEYS = ("device", "num_workers", "mixed_precision", "models_dir", "checkpoints_dir")
+RUNTIME_KEYS = ("device", "num_workers", "num_threads", "mixed_precision", "models_dir", "checkpoints_dir")
 
 
 @dataclass
@@ -97,7 +97,7 @@ def model_params(train_params: Mapping[str, Any], kind: str) -> dict[str, Any]:
 
 def _number(params: Mapping[str, Any], key: str, kind: str, default: Any = None, minimum: float = 0, integer: bool = False) -> Any:
     value = params.get(key, default)
-    full_key = f"train.{kind}.{key}" if key not in ("seed", "early_stopping_patience", "num_workers") else f"train.{key}"
+    full_key = f"train.{kind}.{key}" if key not in ("seed", "early_stopping_patience", "num_workers", "num_threads") else f"train.{key}"
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum or (integer and int(value) != value):
         kind_of = "an integer" if integer else "a number"
         raise ConfigError(f"params.yaml key '{full_key}' must be {kind_of} >= {minimum}, got {value!r}")
@@ -118,6 +118,7 @@ class LoopSettings:
     lr_schedule: str
     num_workers: int
     checkpoint_dir: Path
+    num_threads: int | None = None
     fingerprint: str = ""
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
@@ -142,6 +143,7 @@ def loop_settings(params: Mapping[str, Any], kind: str, progress: bool = True) -
         patience=_number(params, "early_stopping_patience", kind, default=3, minimum=1, integer=True),
         lr_schedule=require_choice(params.get("lr_schedule", "onecycle"), "train.lr_schedule", LR_SCHEDULES),
         num_workers=_number(params, "num_workers", kind, default=0, integer=True),
+        num_threads=_number(params, "num_threads", kind, minimum=1, integer=True) if params.get("num_threads") is not None else None,
         checkpoint_dir=resolve_path(params.get("checkpoints_dir", "artifacts/checkpoints")) / kind,
         grad_clip=float(params.get("grad_clip", 1.0)),
         label_smoothing=float(params.get("label_smoothing", 0.0)),
@@ -163,23 +165,28 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
-def deterministic(enabled: bool = True) -> Iterator[None]:
-    """Deterministic kernels (warn-only where torch has none) for the duration of training.
+def deterministic(num_threads: int | None = None) -> Iterator[None]:
+    """Deterministic kernels (warn-only where torch has none) and the CPU thread count, for
+    the duration of training.
 
-    The previous global setting is restored afterwards, so other code in the process is
-    not affected.
+    `num_threads` (train.num_threads; None = torch's default, one per core): on a CPU
+    shared with other busy processes, torch's spinning worker threads can slow training
+    down many times over, and 1 thread is then much faster. The previous global settings
+    are restored afterwards, so other code in the process is not affected.
     """
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    previous_benchmark = torch.backends.cudnn.benchmark
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    previous_benchmark, previous_threads = torch.backends.cudnn.benchmark, torch.get_num_threads()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark = previous_benchmark
+        torch.set_num_threads(previous_threads)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -532,7 +539,7 @@ def train_image_classifier(
     check_splits({s: data.images_of(s)["label"].tolist() for s in ("train", "val")}, data.classes, "photos", images_file)
 
     seed_everything(settings.seed)
-    with deterministic():
+    with deterministic(settings.num_threads):
         model = models.build_image_classifier(params, len(data.classes))
         train_frame = data.images_of("train")
         source_size = _clean_image_size(data, [data.clean_dir / p for p in train_frame["path"][:1]])
@@ -653,7 +660,7 @@ def train_text_classifier(
     tokenizer, transformer = models.load_pretrained_encoder(encoder_name)
 
     seed_everything(settings.seed)
-    with deterministic():
+    with deterministic(settings.num_threads):
         model = models.build_text_classifier(transformer, params, len(data.classes))
         splits = {s: data.products_of(s) for s in ("train", "val")}
         ids = {s: frame["product_id"].astype(str).tolist() for s, frame in splits.items()}
@@ -764,7 +771,7 @@ def train_multimodal_classifier(
     max_length = int(text_loaded.config["preprocessing"]["text"]["max_length"])
 
     seed_everything(settings.seed)
-    with deterministic():
+    with deterministic(settings.num_threads):
         fusion = models.build_fusion_head(params, image_tower.embedding_dim, text_tower.embedding_dim, len(data.classes))
         model = models.MultimodalClassifier(image_tower, text_tower, fusion, pooling)
         splits = {s: data.products_of(s) for s in ("train", "val")}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -437,7 +438,15 @@ class MarketplaceEngine:
                 "max_image_pixels": self.limits.max_image_pixels,
                 "max_text_chars": self.limits.max_text_chars,
             },
+            "runtime": self.runtime_info(),
         }
+
+    def runtime_info(self) -> dict[str, Any]:
+        import torch
+
+        devices = sorted({str(getattr(c, "device", "cpu")) for c in self.classifiers.values()})
+        return {"torch_threads": int(torch.get_num_threads()), "devices": devices,
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
     # ----------------------------------------------------------------- synchronous API (no HTTP, no batching)
 

@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from pydantic import Field
 
 from pipeline_steps.config import load_params
 from service.engine import MarketplaceEngine, MicroBatcher, preflight_bundle
@@ -58,11 +59,13 @@ def _harden_multipart_parsing() -> None:
       server (a 500 for anything that is not a reachable URL, and a request-forgery surface):
       here a photo must be uploaded as a file part -> 400.
     * Starlette refuses a malformed form or a text field over 1 MB with an HTTPException(400),
-      which BentoML's API wrapper turns into a 500 -> passed on as a 4xx with its reason.
+      and BentoML's json.loads of each text field can raise ValueError/RecursionError; its API
+      wrapper turns both into a 500 -> passed on as a 4xx with the reason.
     """
     try:
         from _bentoml_impl.serde import MultipartSerde
         from starlette.datastructures import UploadFile
+        from pydantic import ValidationError
         from starlette.exceptions import HTTPException as StarletteHTTPException
     except ImportError:  # another BentoML layout: keep its behaviour
         return
@@ -84,6 +87,12 @@ def _harden_multipart_parsing() -> None:
                     error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 ) from exc
             raise InvalidArgument(f"malformed multipart/form-data request: {detail}") from exc
+        except ValidationError:
+            raise  # BentoML answers these with a 400 listing the fields
+        except (ValueError, TypeError, RecursionError) as exc:
+            # e.g. a form field holding a 5,000-digit number or deeply nested JSON, which
+            # BentoML's json.loads of every text field chokes on
+            raise InvalidArgument(f"a multipart form field could not be parsed: {str(exc)[:200]}") from exc
 
     async def ensure_file(obj: typing.Any) -> typing.Any:
         if isinstance(obj, UploadFile):
@@ -105,6 +114,10 @@ BUNDLE_MODEL = str(SERVE.get("bundle_model", "marketplace-bundle"))
 SERVICE_NAME = str(SERVE.get("bento_name", "marketplace-search"))
 BATCH_MAX_SIZE = int(SERVE.get("batch_max_size", 32))
 BATCH_MAX_LATENCY_MS = float(SERVE.get("batch_max_latency_ms", 50))
+TORCH_THREADS = SERVE.get("torch_threads", "auto")
+if TORCH_THREADS != "auto" and (isinstance(TORCH_THREADS, bool) or not isinstance(TORCH_THREADS, int)
+                                or TORCH_THREADS < 1):
+    raise ValueError(f"params.yaml key 'serve.torch_threads' must be 'auto' or a positive integer, got {TORCH_THREADS!r}")
 
 if os.environ.get(BUNDLE_DIR_ENV):
     # Fail `bentoml serve` itself (not just each worker, which BentoML would restart forever)
@@ -118,7 +131,28 @@ ui_app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 # `Path = None`, not Optional[Path]: BentoML 1.4.40 cannot build a schema for Optional[Path]
 # ("unhashable type: FileSchema"), and a PIL.Image parameter would be decoded by BentoML
 # before our checks (a non-image upload would then be a 500).
-OptionalImage = Path
+OptionalImage = typing.Annotated[
+    Path,
+    Field(description="A photo of the listing (JPEG, PNG, WEBP, GIF, BMP or TIFF) as a multipart file part; "
+                      f"at most {LIMITS.max_image_bytes:,} bytes and {LIMITS.max_image_pixels:,} pixels."),
+]
+# Limits are documented in the schema (json_schema_extra) and enforced by request_validation,
+# whose 4xx messages say what to fix.
+OptionalText = typing.Annotated[
+    typing.Optional[str],
+    Field(description="Listing text (name, description); photo and/or text is required. "
+                      "Multipart text fields are JSON-encoded strings.",
+          json_schema_extra={"maxLength": LIMITS.max_text_chars}),
+]
+SearchK = typing.Annotated[
+    int,
+    Field(description=f"Number of results, 1 to {LIMITS.max_k}.",
+          json_schema_extra={"minimum": 1, "maximum": LIMITS.max_k}),
+]
+SearchCategory = typing.Annotated[
+    typing.Optional[str],
+    Field(description="Only return listings of this category (case-insensitive; see /metadata 'categories')."),
+]
 JSONDict = typing.Dict[str, typing.Any]
 
 
@@ -137,6 +171,10 @@ class MarketplaceSearch:
         bundle_model = bentoml.models.BentoModel(f"{BUNDLE_MODEL}:latest")
 
     def __init__(self) -> None:
+        if TORCH_THREADS != "auto":
+            import torch
+
+            torch.set_num_threads(int(TORCH_THREADS))
         bundle_dir = os.environ.get(BUNDLE_DIR_ENV)
         if bundle_dir:
             path, source = Path(bundle_dir), f"{BUNDLE_DIR_ENV}={bundle_dir}"
@@ -188,7 +226,7 @@ class MarketplaceSearch:
     async def predict(
         self,
         image: OptionalImage = None,
-        text: typing.Optional[str] = None,
+        text: OptionalText = None,
         *,
         ctx: bentoml.Context,
     ) -> JSONDict:
@@ -209,7 +247,7 @@ class MarketplaceSearch:
     async def embed(
         self,
         image: OptionalImage = None,
-        text: typing.Optional[str] = None,
+        text: OptionalText = None,
         *,
         ctx: bentoml.Context,
     ) -> JSONDict:
@@ -225,9 +263,9 @@ class MarketplaceSearch:
     async def search(
         self,
         image: OptionalImage = None,
-        text: typing.Optional[str] = None,
-        k: int = 10,
-        category: typing.Optional[str] = None,
+        text: OptionalText = None,
+        k: SearchK = 10,
+        category: SearchCategory = None,
         *,
         ctx: bentoml.Context,
     ) -> JSONDict:

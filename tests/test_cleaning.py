@@ -64,6 +64,8 @@ PARAMS = {
         ("£-5.00", None),
         ("nan", None),
         (None, None),
+        (float("nan"), None),
+        (pd.NA, None),
     ],
 )
 def test_parse_price(text: str | None, expected: float | None) -> None:
@@ -98,6 +100,7 @@ def test_suffix_is_kept_when_stripping_is_off() -> None:
 def test_whitespace_and_carriage_returns_are_normalised() -> None:
     assert normalise_whitespace("  coffee table\rOriginal  text\r\n\tdetail ") == "coffee table Original text detail"
     assert normalise_whitespace(None) == ""
+    assert normalise_whitespace(pd.NA) == ""
 
 
 def test_non_ascii_text_is_kept_intact() -> None:
@@ -397,10 +400,22 @@ def test_rerun_gives_identical_files_and_replaces_stale_photos(tmp_path: Path) -
     first = _digest(out)
     (out / "images" / "stale.jpg").write_bytes(b"left over from an older run")
 
-    clean_dataset(validated, raw_images, out, PARAMS)
+    clean_dataset(validated, raw_images, out, {**PARAMS, "num_workers": 2})  # threads: same bytes
 
     assert _digest(out) == first
     assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_a_failing_run_leaves_the_previous_clean_layer_untouched(tmp_path: Path) -> None:
+    validated, raw_images = _validated_layer(tmp_path)
+    out = tmp_path / "clean"
+    clean_dataset(validated, raw_images, out, PARAMS)
+    before = _digest(out)
+
+    with pytest.raises(DataValidationError):
+        clean_dataset(validated, raw_images, out, {**PARAMS, "min_products_per_class": 1000})
+
+    assert _digest(out) == before
 
 
 def test_bad_image_params_fail_before_any_work(tmp_path: Path) -> None:
@@ -408,6 +423,10 @@ def test_bad_image_params_fail_before_any_work(tmp_path: Path) -> None:
         clean_dataset(tmp_path, tmp_path, tmp_path / "out", {**PARAMS, "image_size": 0})
     with pytest.raises(ConfigError, match="cleaning.pad_colour"):
         clean_dataset(tmp_path, tmp_path, tmp_path / "out", {**PARAMS, "pad_colour": [0, 0]})
+    with pytest.raises(ConfigError, match="cleaning.num_workers"):
+        clean_dataset(tmp_path, tmp_path, tmp_path / "out", {**PARAMS, "num_workers": 0})
+    with pytest.raises(ConfigError, match="cleaning.split.val_fraction"):
+        clean_dataset(tmp_path, tmp_path, tmp_path / "out", {**PARAMS, "split": {"val_fraction": 2}})
     with pytest.raises(DataValidationError, match="validate stage"):
         clean_dataset(tmp_path, tmp_path, tmp_path / "out", PARAMS)
     assert not (tmp_path / "out").exists()

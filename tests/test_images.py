@@ -131,6 +131,26 @@ def test_exif_orientation_is_applied_before_padding(tmp_path: Path) -> None:
     assert result.getpixel((2, 15)) == (0, 0, 0)  # padding left and right, not top and bottom
 
 
+def test_damaged_exif_does_not_cost_the_photo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, "odd", Image.new("RGB", (20, 10), (255, 255, 255)), "JPEG")
+
+    def broken(image: Image.Image) -> Image.Image:
+        raise SyntaxError("not a TIFF file")
+
+    monkeypatch.setattr("pipeline_steps.images.ImageOps.exif_transpose", broken)
+    assert prepare_image(path, 16, PAD).size == (16, 16)
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "expected"),
+    [("I", [0, 100, 255], [0, 100, 255]), ("I", [0, 65535], [0, 255]), ("F", [-1.0, 1.0], [0, 255])],
+)
+def test_32_bit_and_float_images_are_scaled_into_8_bits(mode: str, values: list, expected: list[int]) -> None:
+    image = Image.fromarray(np.array([values], dtype="int32" if mode == "I" else "float32"))
+    assert image.mode == mode
+    assert [to_rgb(image).getpixel((x, 0))[0] for x in range(len(values))] == expected
+
+
 @pytest.mark.parametrize(("size_in", "expected"), [((100, 50), (64, 32)), ((1, 1), (64, 64)), ((5000, 2), (64, 1))])
 def test_resize_to_fit_sets_the_long_side(size_in: tuple[int, int], expected: tuple[int, int]) -> None:
     assert resize_to_fit(Image.new("RGB", size_in), 64).size == expected
@@ -176,20 +196,23 @@ def test_convert_images_reports_failures_without_raising(tmp_path: Path) -> None
         assert (saved.format, saved.mode, saved.size) == ("JPEG", "RGB", (SIZE, SIZE))
 
 
-def test_process_pool_gives_the_same_results_and_bytes(tmp_path: Path) -> None:
-    tasks = _tasks(tmp_path, 5)
+def test_worker_threads_give_the_same_results_and_bytes(tmp_path: Path) -> None:
+    tasks = _tasks(tmp_path, 6)
     serial = convert_images(tasks, SIZE, PAD, workers=1, progress=False)
     serial_bytes = {t.image_id: t.dst.read_bytes() for t in tasks if t.dst.exists()}
     for task in tasks:
         task.dst.unlink(missing_ok=True)
 
-    pooled = convert_images(tasks, SIZE, PAD, workers=2, progress=False, chunk_size=2)
+    threaded = convert_images(tasks, SIZE, PAD, workers=3, progress=False)
 
-    assert pooled == serial
+    assert threaded == serial
     assert {t.image_id: t.dst.read_bytes() for t in tasks if t.dst.exists()} == serial_bytes
 
 
-def test_resolve_workers_never_exceeds_the_chunks() -> None:
-    assert resolve_workers(4, 10, chunk_size=64) == 1
-    assert resolve_workers(2, 1000, chunk_size=64) == 2
+def test_resolve_workers() -> None:
+    assert resolve_workers(4, 2) == 2  # never more threads than photos
+    assert resolve_workers(2, 1000) == 2
     assert resolve_workers("auto", 0) == 1
+    assert resolve_workers("auto", 1000) >= 1
+    with pytest.raises(ValueError, match="workers"):
+        resolve_workers("many", 10)

@@ -17,6 +17,15 @@ from pipeline_steps import models
 from pipeline_steps.errors import ConfigError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: extra threads only add overhead (and spin badly on a busy shared CPU)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("backbone", sorted(models.BACKBONES))
 def test_every_backbone_gives_logits_and_penultimate_embedding(backbone: str) -> None:
     torch.manual_seed(0)

@@ -97,3 +97,28 @@ def test_limited_threads_restores_the_previous_setting():
     assert faiss.omp_get_max_threads() == before
     with limited_threads(None):
         assert faiss.omp_get_max_threads() == before
+
+
+def test_benchmark_script_smoke(tmp_path):
+    """The FAISS benchmark runs end to end on a tiny size and rewrites only its own BENCHMARKS.md section."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "faiss_benchmark.py"
+    spec = importlib.util.spec_from_file_location("faiss_benchmark", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n## FAISS alone\nold\n\n## Service\nkeep me\n")
+    out = tmp_path / "r.json"
+    args = ["--sizes", "2000", "--dim", "16", "--queries", "30", "--single-budget-s", "0.05",
+            "--points-per-cluster", "50", "--out", str(out), "--update-markdown", str(md)]
+    assert module.main(args) == 0
+    report = json.loads(out.read_text())
+    methods = {r["method"] for r in report["results"]}
+    assert methods == {"Flat", "NumPy", "IVF", "HNSW32"}
+    assert all(r["recall_at_k"] > 0.8 for r in report["results"])
+    text = md.read_text()
+    assert "old" not in text and "## Service\nkeep me" in text and "| 2,000 | Flat |" in text

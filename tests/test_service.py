@@ -534,6 +534,10 @@ def test_malformed_bodies_get_4xx(url) -> None:
         ({"data": b"garbage--xyz", "headers": {"content-type": "multipart/form-data; boundary=xyz"}}, 400),
         ({"data": b"garbage", "headers": {"content-type": "multipart/form-data"}}, 400),
         ({"data": b"\xff\xfe\x00", "headers": {"content-type": "application/json"}}, 400),
+        ({"data": b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "headers": {"content-type": "application/json"}},
+         400),
+        ({"files": {"text": (None, "9" * 5001)}}, 400),  # BentoML json.loads()s multipart text fields
+        ({"files": {"text": (None, "[" * 100_000)}}, 400),
     ]
     for kwargs, status in cases:
         response = requests.post(f"{url}/search", timeout=TIMEOUT, **kwargs)

@@ -28,6 +28,7 @@ def tiny_params(root: Path) -> dict[str, Any]:
         "device": "cpu",
         "mixed_precision": True,
         "num_workers": 0,
+        "num_threads": 1,  # tiny batches: threads only add overhead (and spin on a busy shared CPU)
         "early_stopping_patience": 3,
         "lr_schedule": "onecycle",
         "models_dir": str(root / "models"),
@@ -67,6 +68,15 @@ def tiny_params(root: Path) -> dict[str, Any]:
             "modality_dropout": 0.2,
         },
     }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """Model building and inference here run outside the loop's thread setting: keep them at 1 too."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +194,7 @@ def test_resume_continues_from_the_checkpoint_exactly(clean_dir: Path, tmp_path:
     seen: list[int] = []
 
     def crash_after_first_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"} <= set(metrics)
         seen.append(epoch)
         if epoch == 1:
             raise Crash
@@ -215,6 +226,13 @@ def test_early_stopping_keeps_the_best_epoch(clean_dir: Path, tmp_path: Path) ->
     params["text"].update({"epochs": 6, "lr": 0.0, "weight_decay": 0.0})  # nothing learns: val loss never improves
     result = training.train_text_classifier(clean_dir, params, tmp_path / "text", progress=False)
     assert result.stopped_early and len(result.history) == 2 and result.best_epoch == 1
+
+
+def test_cosine_schedule_decays_the_learning_rate(clean_dir: Path, tmp_path: Path) -> None:
+    params = tiny_params(tmp_path)
+    params["lr_schedule"] = "cosine"
+    result = training.train_text_classifier(clean_dir, params, tmp_path / "text", progress=False)
+    assert len(result.history) == 2 and result.history[-1]["lr"] < params["text"]["lr"] / 10
 
 
 def test_unknown_backbone_fails_before_any_data_is_read(tmp_path: Path) -> None:
