@@ -255,6 +255,8 @@ def dedupe_columns(frame: pd.DataFrame, subset: Sequence[str]) -> list[str]:
 def drop_duplicates(frame: pd.DataFrame, subset: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Keep the first listing (file order) of each group equal on `subset`; reject the others.
 
+    Columns hold cleaned values (name without the Gumtree tail, whitespace collapsed,
+    price as a float), so "£1,000.00" and "1000" or a stray \r do not hide a duplicate.
     The reject's value names the product that was kept, so a reviewer can compare them.
     Expects rows already in source order (see in_source_order).
     """

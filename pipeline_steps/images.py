@@ -154,13 +154,13 @@ def convert_images(
 ) -> list[ImageResult]:
     """Convert every photo with a tqdm bar; results come back in task order whatever `workers` is.
 
-    `workers` > 1 uses threads, not processes: Pillow releases the GIL while it
-    decodes, resizes and encodes, so threads use both cores of a small machine
-    without the costs of a process pool (each spawned worker re-imports the
-    caller's `__main__`, which for a Prefect flow means importing Prefect again,
-    and a script without an `if __name__ == "__main__":` guard breaks the pool).
-    Measured on the real export (7,597 photos, 2 cores): processes were never
-    faster than threads.
+    `workers` > 1 uses threads: Pillow releases the GIL while it decodes, resizes
+    and encodes. Not processes: each spawned worker re-imports the caller's
+    `__main__` (for the Prefect flow, ~2 s of CPU importing Prefect again) and a
+    script without an `if __name__ == "__main__":` guard breaks the pool.
+    On the real export (7,597 photos of 256 px, 2 shared cores) one thread takes
+    about 5 s of CPU; neither 2 threads nor 2 processes gave a consistent gain on
+    the busy shared machine, hence the default of 1 (params.yaml cleaning.num_workers).
     """
     task_list = list(tasks)
     n_workers = resolve_workers(workers, len(task_list))

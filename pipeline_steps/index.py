@@ -85,6 +85,9 @@ class IndexSettings:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> IndexSettings:
+        """Accepts the whole params.yaml mapping or just its ``index:`` section."""
+        if not isinstance(params.get("index"), Mapping):
+            params = {"index": params}
         kinds = tuple(get(params, "index.kinds"))
         for kind in kinds:
             require_choice(kind, "index.kinds", ["image", "text", "multimodal"])

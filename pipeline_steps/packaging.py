@@ -41,6 +41,7 @@ INDEX_KINDS = ("image", "text", "multimodal")
 LISTING_COLUMNS = ("product_id", "image_id", "product_name", "price", "location", "category")
 DEFAULT_THUMBNAIL_SIZE = 160
 THUMBNAIL_QUALITY = 80
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")  # image ids that are safe as file names
 
 # Environment for child `bentoml` processes: offline, no telemetry, nothing from the hub.
 OFFLINE_ENV = {
@@ -240,9 +241,6 @@ def _write_thumbnails(listings: pd.DataFrame, clean_dir: Path, out: Path, size: 
             logger.warning("no thumbnail for image %s (%s): %s", image_id, src, exc)
             missing += 1
     return {"written": written, "missing": missing}
-
-
-_SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 # --------------------------------------------------------------------------- BentoML

@@ -20,8 +20,8 @@ import functools
 import logging
 import os
 import typing
-from http import HTTPStatus
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from pathlib import Path
 
 import bentoml
@@ -188,7 +188,7 @@ class MarketplaceSearch:
             raise RuntimeError(f"marketplace service cannot start from {source}: {exc}") from exc
         self.engine.warm_up()
         self.source = source
-        # One model thread: the batches run one after another (torch already uses every core).
+        # One model thread: batches run one after another, each using serve.torch_threads cores.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marketplace-model")
         self.batchers: typing.Dict[typing.Tuple[str, str], MicroBatcher] = {}
         for kind in self.engine.classifiers:

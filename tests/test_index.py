@@ -242,6 +242,7 @@ def test_settings_from_params():
 
     settings = IndexSettings.from_params(load_params())
     assert settings.factory and settings.nprobe >= 1 and settings.use_gpu in ("auto", True, False)
+    assert IndexSettings.from_params(load_params()["index"]) == settings  # the section alone works too
     with pytest.raises(ConfigError, match="index.use_gpu"):
         IndexSettings.from_params({"index": {**load_params()["index"], "use_gpu": "maybe"}})
 
