@@ -7,6 +7,10 @@ PORT ?= 3000
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 
+# dvc.yaml stages call `python -m flows...`: make that the project's interpreter.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+
 # Everything runs offline and keeps its state inside the project.
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false

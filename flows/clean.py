@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.common import STAGE_CACHE, base_parser, fingerprint_paths, load_params, path_of, run_cli, write_stamp
+from flows.common import STAGE_CACHE, base_parser, stage_task, fingerprint_paths, load_params, path_of, run_cli, write_stamp
 from pipeline_steps import config
 from pipeline_steps.cleaning import clean_dataset
 from pipeline_steps.io_utils import write_json
@@ -30,7 +30,7 @@ def clean_flow(params: str | None = None, overrides: list[str] | None = None, ra
     raw = config.existing_dir(settings, "data.raw_dir", config.PROJECT_ROOT)
     validated = config.existing_dir(settings, "data.validated_dir", config.PROJECT_ROOT)
     out_dir = path_of(settings, "data.clean_dir")
-    manifest = clean_task([str(validated), str(raw / "images")], [str(out_dir)], settings["cleaning"])
+    manifest = stage_task(clean_task, [str(validated), str(raw / "images")], [str(out_dir)], settings["cleaning"])
     write_json(path_of(settings, "evaluate.metrics_dir") / "clean.json", _headline(manifest))
     print(f"cleaned data in {out_dir}; manifest {out_dir / 'manifest.json'}")
     return manifest

@@ -39,7 +39,8 @@ def register_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     metrics_file = path_of(settings, "evaluate.metrics_dir") / f"{kind}.json"
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file} is missing: evaluate '{kind}' before registering it")
-    metrics = read_json(metrics_file)
+    # The headline numbers become version tags; the per-class report stays in the run.
+    metrics = {key: value for key, value in read_json(metrics_file).items() if isinstance(value, (int, float))}
     name = registry.model_name(registry_params["model_prefix"], kind)
     promotion = registry.promotion_settings(registry_params, kind)
     with tracking.reopen_run(settings, model_dir) as run:

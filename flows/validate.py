@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.common import STAGE_CACHE, base_parser, fingerprint_paths, load_params, path_of, run_cli, write_stamp
+from flows.common import STAGE_CACHE, base_parser, stage_task, fingerprint_paths, load_params, path_of, run_cli, write_stamp
 from pipeline_steps import config
 from pipeline_steps.errors import RejectThresholdExceeded
 from pipeline_steps.io_utils import write_json
@@ -36,7 +36,7 @@ def validate_flow(params: str | None = None, overrides: list[str] | None = None,
     docs_dir = path_of(settings, "validation.data_docs_dir")
     metrics_file = path_of(settings, "evaluate.metrics_dir") / "validate.json"
     try:
-        metrics = validate_task([str(raw)], [str(out_dir), str(docs_dir)], settings["validation"])
+        metrics = stage_task(validate_task, [str(raw)], [str(out_dir), str(docs_dir)], settings["validation"])
     except RejectThresholdExceeded as error:
         write_json(metrics_file, getattr(error, "metrics", {}))  # what was rejected, for the post-mortem
         print(f"Data Docs: {docs_dir / 'index.html'}; rejects: {out_dir / 'rejects.csv'}")

@@ -161,20 +161,32 @@ class MultimodalDataset(Dataset):
 
 
 class TensorDictDataset(Dataset):
-    """Precomputed features (e.g. frozen-encoder embeddings): row i of every tensor + label i."""
+    """Precomputed features (e.g. frozen-encoder embeddings): row i of every tensor + label i.
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], labels: Sequence[int] | torch.Tensor) -> None:
+    `sparse`: optional scipy CSR matrix (e.g. the wide branch's TF-IDF features), one row per
+    example; row i comes out under the key `"sparse"` as (indices, values) and
+    `collate_tensor_dicts` turns a batch of them into the wide branch's EmbeddingBag inputs.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], labels: Sequence[int] | torch.Tensor, sparse: Any = None) -> None:
         self.tensors = dict(tensors)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.sparse = sparse.tocsr() if sparse is not None else None
         for name, tensor in self.tensors.items():
             if tensor.shape[0] != len(self.labels):
                 raise ValueError(f"feature '{name}' has {tensor.shape[0]} rows for {len(self.labels)} labels")
+        if self.sparse is not None and self.sparse.shape[0] != len(self.labels):
+            raise ValueError(f"sparse features have {self.sparse.shape[0]} rows for {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        return {name: tensor[index] for name, tensor in self.tensors.items()}, self.labels[index]
+    def __getitem__(self, index: int) -> tuple[dict[str, Any], torch.Tensor]:
+        row: dict[str, Any] = {name: tensor[index] for name, tensor in self.tensors.items()}
+        if self.sparse is not None:
+            start, stop = self.sparse.indptr[index], self.sparse.indptr[index + 1]
+            row["sparse"] = (self.sparse.indices[start:stop], self.sparse.data[start:stop])
+        return row, self.labels[index]
 
 
 # --------------------------------------------------------------------------- builders per split
@@ -205,9 +217,36 @@ def collate_images(batch: Sequence[tuple[torch.Tensor, int]]) -> Batch:
     return {"pixels": torch.stack(pixels)}, torch.tensor(labels, dtype=torch.long)
 
 
-def collate_tensor_dicts(batch: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> Batch:
+def collate_tensor_dicts(batch: Sequence[tuple[dict[str, Any], torch.Tensor]]) -> Batch:
     features, labels = zip(*batch, strict=True)
-    return {name: torch.stack([row[name] for row in features]) for name in features[0]}, torch.stack(list(labels))
+    inputs = {name: torch.stack([row[name] for row in features]) for name in features[0] if name != "sparse"}
+    if "sparse" in features[0]:
+        inputs.update(sparse_rows_to_bags([row["sparse"] for row in features]))
+    return inputs, torch.stack(list(labels))
+
+
+def sparse_rows_to_bags(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Sparse rows (indices, values) -> the wide branch's inputs: `wide_indices` (all rows'
+    feature indices, concatenated), `wide_offsets` (where each row starts), `wide_weights` (values)."""
+    lengths = [len(indices) for indices, _ in rows]
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if rows else np.zeros(0)
+    indices = np.concatenate([np.asarray(i) for i, _ in rows]) if rows else np.zeros(0)
+    values = np.concatenate([np.asarray(v) for _, v in rows]) if rows else np.zeros(0)
+    return {
+        "wide_indices": torch.as_tensor(indices.astype(np.int64)),
+        "wide_offsets": torch.as_tensor(np.asarray(offsets, dtype=np.int64)),
+        "wide_weights": torch.as_tensor(values.astype(np.float32)),
+    }
+
+
+def csr_to_bags(matrix: Any) -> dict[str, torch.Tensor]:
+    """A scipy CSR matrix (one row per example) -> the wide branch's inputs (see `sparse_rows_to_bags`)."""
+    matrix = matrix.tocsr()
+    return {
+        "wide_indices": torch.as_tensor(matrix.indices.astype(np.int64)),
+        "wide_offsets": torch.as_tensor(matrix.indptr[:-1].astype(np.int64)),
+        "wide_weights": torch.as_tensor(matrix.data.astype(np.float32)),
+    }
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -217,15 +256,23 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str,
 
 
 class TextCollate:
-    """Tokenise a batch of (text, label) rows (a class, so DataLoader workers can pickle it)."""
+    """Tokenise a batch of (text, label) rows (a class, so DataLoader workers can pickle it).
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
+    `wide`: a fitted `models.WideFeaturizer` (anything with `transform(texts) -> CSR`): the batch
+    then also carries the wide branch's TF-IDF inputs.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int, wide: Any = None) -> None:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
+        self.wide = wide
 
     def __call__(self, batch: Sequence[tuple[str, int]]) -> Batch:
         texts, labels = zip(*batch, strict=True)
-        return tokenize(self.tokenizer, texts, self.max_length), torch.tensor(labels, dtype=torch.long)
+        inputs = tokenize(self.tokenizer, texts, self.max_length)
+        if self.wide is not None:
+            inputs.update(csr_to_bags(self.wide.transform(list(texts))))
+        return inputs, torch.tensor(labels, dtype=torch.long)
 
 
 def stack_product_images(per_product: Sequence[Sequence[torch.Tensor]], image_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,10 +286,11 @@ def stack_product_images(per_product: Sequence[Sequence[torch.Tensor]], image_sh
 class MultimodalCollate:
     """Batch products with 0..n photos each: flat `pixels` + `image_owner`, tokens, `text_present`."""
 
-    def __init__(self, tokenizer: Any, max_length: int, input_size: int) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, input_size: int, wide: Any = None) -> None:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.image_shape = (3, int(input_size), int(input_size))
+        self.wide = wide
 
     def __call__(self, batch: Sequence[tuple[list[torch.Tensor], str | None, int]]) -> Batch:
         photos, texts, labels = zip(*batch, strict=True)
@@ -250,6 +298,8 @@ class MultimodalCollate:
         present = torch.tensor([bool(text) for text in texts], dtype=torch.bool)
         inputs = tokenize(self.tokenizer, [text or "" for text in texts], self.max_length)
         inputs.update({"pixels": pixels, "image_owner": owner, "text_present": present})
+        if self.wide is not None:
+            inputs.update(csr_to_bags(self.wide.transform([text or "" for text in texts])))
         return inputs, torch.tensor(labels, dtype=torch.long)
 
 

@@ -1,7 +1,8 @@
 """Load a trained model directory and predict or embed: no training code, no hub access.
 
 A model directory (docs/ARCHITECTURE.md, "Trained models") holds config.json,
-model.pt and, for text-based models, encoder/ (tokenizer + encoder config). The
+model.pt and, for text-based models, encoder/ (tokenizer + encoder config) and, when
+the model has a wide TF-IDF branch (config.json `architecture.wide`), tfidf.joblib. The
 network is rebuilt from config.json with random weights and then loaded from
 model.pt, so nothing is downloaded and the same code serves CPU and CUDA.
 
@@ -44,6 +45,7 @@ class LoadedModel:
     config: dict[str, Any]
     tokenizer: Any = None
     preprocessor: models.ImagePreprocessor | None = None
+    wide: models.WideFeaturizer | None = None  # the fitted TF-IDF vectoriser of a wide branch
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
@@ -61,9 +63,23 @@ def _image_module(architecture: dict[str, Any], n_classes: int) -> models.ImageC
     return models.build_image_classifier(architecture, n_classes, pretrained=False)
 
 
-def _text_module(architecture: dict[str, Any], n_classes: int, encoder_dir: Path) -> tuple[models.TextClassifier, Any]:
+def _text_module(architecture: dict[str, Any], n_classes: int, encoder_dir: Path, wide_features: int | None = None) -> tuple[models.TextClassifier, Any]:
     tokenizer, transformer = models.encoder_from_folder(encoder_dir)
-    return models.build_text_classifier(transformer, architecture, n_classes), tokenizer
+    return models.build_text_classifier(transformer, architecture, n_classes, wide_features), tokenizer
+
+
+def _wide_featurizer(architecture: dict[str, Any], model_dir: Path) -> models.WideFeaturizer | None:
+    """The fitted vectoriser of the model's wide branch; None for a model without one (older dirs too)."""
+    wide = architecture.get("wide")
+    if not wide:
+        return None
+    path = model_dir / wide.get("file", models.WIDE_FILE)
+    if not path.is_file():
+        raise PipelineError(f"{model_dir}: config.json has a wide branch but {path.name} is missing")
+    featurizer = models.WideFeaturizer.load(path)
+    if featurizer.n_features != int(wide["n_features"]):
+        raise PipelineError(f"{path}: {featurizer.n_features} features, config.json says {wide['n_features']}")
+    return featurizer
 
 
 def build_module(config: dict[str, Any], model_dir: str | Path) -> LoadedModel:
@@ -74,14 +90,18 @@ def build_module(config: dict[str, Any], model_dir: str | Path) -> LoadedModel:
     preprocessor = models.ImagePreprocessor.from_config(preprocessing["image"]) if "image" in preprocessing else None
     if kind == "image":
         return LoadedModel(_image_module(architecture, n_classes), config, None, preprocessor)
+    wide = _wide_featurizer(architecture, model_dir)
+    wide_features = wide.n_features if wide is not None else None
     if kind == "text":
-        module, tokenizer = _text_module(architecture, n_classes, model_dir / architecture.get("encoder_dir", "encoder"))
-        return LoadedModel(module, config, tokenizer, None)
+        module, tokenizer = _text_module(architecture, n_classes, model_dir / architecture.get("encoder_dir", "encoder"), wide_features)
+        return LoadedModel(module, config, tokenizer, None, wide)
     image_tower = _image_module(architecture["image_tower"], n_classes)
-    text_tower, tokenizer = _text_module(architecture["text_tower"], n_classes, model_dir / architecture["text_tower"].get("encoder_dir", "encoder"))
+    tower_architecture = {key: value for key, value in architecture["text_tower"].items() if key != "wide"}
+    text_tower, tokenizer = _text_module(tower_architecture, n_classes, model_dir / tower_architecture.get("encoder_dir", "encoder"))
     fusion = models.build_fusion_head(architecture, image_tower.embedding_dim, text_tower.embedding_dim, n_classes)
-    module = models.MultimodalClassifier(image_tower, text_tower, fusion, architecture.get("image_pooling", "mean"))
-    return LoadedModel(module, config, tokenizer, preprocessor)
+    wide_layer = models.WideLinear(wide_features, n_classes) if wide_features else None
+    module = models.MultimodalClassifier(image_tower, text_tower, fusion, architecture.get("image_pooling", "mean"), wide=wide_layer)
+    return LoadedModel(module, config, tokenizer, preprocessor, wide)
 
 
 def load_model_module(model_dir: str | Path, expected_kind: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
@@ -169,6 +189,12 @@ class Classifier:
         tokens = ds.tokenize(self.loaded.tokenizer, texts, self.max_length)
         return {name: tensor.to(self.device) for name, tensor in tokens.items()}
 
+    def _wide_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The wide branch's TF-IDF inputs of `texts` ({} for a model without a wide branch)."""
+        if self.loaded.wide is None:
+            return {}
+        return {name: tensor.to(self.device) for name, tensor in ds.csr_to_bags(self.loaded.wide.transform(texts)).items()}
+
     @torch.inference_mode()
     def _forward(self, images: list[Any] | None, texts: list[Any] | None, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "image":
@@ -181,8 +207,9 @@ class Classifier:
             missing = [offset + i for i, text in enumerate(texts or []) if text is None]
             if texts is None or missing:
                 raise ValueError(f"the text model needs a text in every row (none in row(s) {missing[:5] or 'all'})")
-            embedding = self.module.embed(**self._tokens([str(text) for text in texts]))
-            return self.module.head(embedding), embedding
+            texts = [str(text) for text in texts]
+            embedding = self.module.embed(**self._tokens(texts))
+            return self.module.classify_embedding(embedding, **self._wide_inputs(texts)), embedding
         return self._forward_multimodal(images, texts, offset)
 
     def _forward_multimodal(self, images: list[Any] | None, texts: list[Any] | None, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,8 +223,10 @@ class Classifier:
         pixels, owner = ds.stack_product_images([[self.loaded.preprocessor(p) for p in row] for row in photos], (3, size, size))  # type: ignore[misc]
         tokens = self._tokens([text or "" for text in texts])
         present = torch.tensor([bool(text) for text in texts], dtype=torch.bool, device=self.device)
-        embedding = self.module.embed(pixels.to(self.device), owner.to(self.device), tokens["input_ids"], tokens["attention_mask"], present)
-        return self.module.fusion.classifier(embedding), embedding
+        return self.module.logits_and_embedding(
+            pixels.to(self.device), owner.to(self.device), tokens["input_ids"], tokens["attention_mask"], present,
+            **self._wide_inputs([text or "" for text in texts]),
+        )
 
 
 def _as_photo_list(image: ImageInput) -> list[Image.Image]:

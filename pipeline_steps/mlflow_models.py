@@ -148,3 +148,99 @@ def log_classifier(
         metadata=metadata_,
         **log_model_kwargs,
     )
+
+
+# --------------------------------------------------------------------------- scikit-learn models
+
+#: what the scikit-learn baselines and the price estimator import when loaded
+SKLEARN_RUNTIME_PACKAGES = ("mlflow", "cloudpickle", "scikit-learn", "joblib", "scipy", "numpy", "pandas", "pillow")
+PRICE_EXAMPLE = pd.DataFrame(
+    {
+        "text": ["Oak dining table. Solid wood, seats six", "Mountain bike. 21 gears"],
+        "category": ["Home & Garden", "Sports, Leisure & Travel"],
+        "town": ["Leeds", "Bristol"],
+        "county": ["West Yorkshire", ""],
+    }
+)
+
+
+class SklearnPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper of a baseline or price-estimator directory (config.json + model.joblib).
+
+    Classifiers answer like ClassifierPyfunc (`category` + one column per class);
+    the price estimator takes `text, category, town, county` and answers `price` in £.
+    """
+
+    def __init__(self) -> None:
+        self.model: Any = None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from pipeline_steps.baselines import load_sklearn_model
+
+        self.model = load_sklearn_model(context.artifacts["model_dir"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if self.model is None:
+            raise RuntimeError("SklearnPyfunc.predict called before load_context")
+        frame = pd.DataFrame(model_input)
+        if self.model.kind == "price":
+            return pd.DataFrame({"price": self.model.predict_price(frame)}, index=frame.index)
+        if self.model.kind == "text_baseline":
+            proba = self.model.predict_proba(texts=[_text_or_none(v) for v in frame["text"]])
+        else:
+            proba = self.model.predict_proba(images=[decode_image(v, row) for row, v in enumerate(frame["image"])])
+        out = pd.DataFrame(np.asarray(proba, dtype=np.float64), columns=self.model.classes, index=frame.index)
+        out.insert(0, "category", [self.model.classes[i] for i in np.asarray(proba).argmax(axis=1)])
+        return out
+
+
+def log_sklearn_model_dir(model_dir: str | Path, name: str, **log_model_kwargs: Any) -> ModelInfo:
+    """Log a scikit-learn model directory as a pyfunc model, with signature and input example."""
+    from pipeline_steps.baselines import load_sklearn_model
+
+    model_dir = Path(model_dir)
+    wrapper = SklearnPyfunc()
+    wrapper.model = load_sklearn_model(model_dir)
+    kind = wrapper.model.kind
+    if kind == "price":
+        example = PRICE_EXAMPLE
+    elif kind == "text_baseline":
+        example = default_input_example("text")
+    else:
+        example = default_input_example("image")
+    signature = infer_signature(example, wrapper.predict(None, example))
+    wrapper.model = None
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=wrapper,
+        artifacts={"model_dir": str(model_dir)},
+        signature=signature,
+        input_example=example,
+        code_paths=[str(PACKAGE_DIR)],
+        pip_requirements=pinned_requirements(SKLEARN_RUNTIME_PACKAGES),
+        metadata={"kind": kind, **log_model_kwargs.pop("metadata", {})},
+        **log_model_kwargs,
+    )
+
+
+NEURAL_KINDS = ("image", "text", "multimodal")
+
+
+def log_model_dir(kind: str, model_dir: str | Path, name: str = "model", **log_model_kwargs: Any) -> ModelInfo:
+    """Log any trained model directory (neural or scikit-learn) into the active MLflow run."""
+    if kind in NEURAL_KINDS:
+        return log_classifier(model_dir, name, **log_model_kwargs)
+    return log_sklearn_model_dir(model_dir, name, **log_model_kwargs)
+
+
+def find_model_dir(downloaded: str | Path) -> Path:
+    """The trained model directory inside a downloaded MLflow model (its `model_dir` artifact)."""
+    downloaded = Path(downloaded)
+    candidates = sorted(
+        config.parent
+        for config in downloaded.rglob("config.json")
+        if (config.parent / "model.pt").is_file() or (config.parent / "model.joblib").is_file()
+    )
+    if not candidates:
+        raise FileNotFoundError(f"{downloaded} holds no trained model directory (config.json + weights)")
+    return min(candidates, key=lambda path: len(path.parts))

@@ -16,6 +16,13 @@ then loads its own ``model.pt``).
 * ``MultimodalClassifier``: both towers (initialised from the trained models)
   + ``FusionHead`` that fuses their embeddings; its embedding is the fused
   hidden layer. Missing modalities are replaced by learned "missing" vectors.
+* Wide & deep (optional, ``train.text.wide`` / ``train.multimodal.wide``): a "wide"
+  branch, TF-IDF features of the text (``WideFeaturizer``: word 1-2-grams + char_wb
+  n-grams, fitted on the train split, saved as ``tfidf.joblib`` in the model directory)
+  -> a sparse linear layer (``WideLinear``), whose logits are added to the deep head's.
+  The lexical and the semantic signal are complementary (real data: TF-IDF + logistic
+  regression ~80%, MiniLM + MLP ~75%, both ~83%). The embeddings (``embed``) stay the
+  deep ones, so similarity search is unchanged; a row without text gets wide logits 0.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageOps
 from torch import nn
@@ -392,28 +401,191 @@ class MLPHead(nn.Module):
 
 
 class TextClassifier(nn.Module):
-    """Encoder (pooled vector = text embedding) -> MLP head."""
+    """Encoder (pooled vector = text embedding) -> MLP head [+ wide TF-IDF logits]."""
 
-    def __init__(self, transformer: nn.Module, n_classes: int, hidden_dim: int = 256, dropout: float = 0.1) -> None:
+    def __init__(
+        self, transformer: nn.Module, n_classes: int, hidden_dim: int = 256, dropout: float = 0.1, wide: WideLinear | None = None
+    ) -> None:
         super().__init__()
         self.encoder = TextEncoder(transformer)
         self.head = MLPHead(self.encoder.output_dim, hidden_dim, n_classes, dropout)
+        self.wide = wide
         self.embedding_dim = self.encoder.output_dim
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_ids, attention_mask)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(input_ids, attention_mask))
+    def classify_embedding(self, embedding: torch.Tensor, **wide_inputs: torch.Tensor) -> torch.Tensor:
+        """Deep logits of the pooled embedding + the wide logits when the model has a wide branch."""
+        return add_wide_logits(self.head(embedding), self.wide, wide_inputs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **wide_inputs: torch.Tensor) -> torch.Tensor:
+        return self.classify_embedding(self.embed(input_ids, attention_mask), **wide_inputs)
 
 
-def build_text_classifier(transformer: nn.Module, text_params: Mapping[str, Any], n_classes: int) -> TextClassifier:
+class WideAndDeepHead(nn.Module):
+    """The trainable part of a frozen-encoder text model: MLP head on stored embeddings + wide branch.
+
+    It holds the text model's own `head` and `wide` modules (not copies), so training it trains them.
+    """
+
+    def __init__(self, head: nn.Module, wide: WideLinear | None) -> None:
+        super().__init__()
+        self.head = head
+        self.wide = wide
+
+    def forward(self, embedding: torch.Tensor, **wide_inputs: torch.Tensor) -> torch.Tensor:
+        return add_wide_logits(self.head(embedding), self.wide, wide_inputs)
+
+
+def build_text_classifier(
+    transformer: nn.Module, text_params: Mapping[str, Any], n_classes: int, wide_features: int | None = None
+) -> TextClassifier:
+    """`wide_features`: width of the fitted TF-IDF vocabulary; None = no wide branch."""
+    wide = WideLinear(wide_features, n_classes, float(text_params.get("wide_dropout", 0.0))) if wide_features else None
     return TextClassifier(
         transformer,
         n_classes,
         hidden_dim=int(text_params.get("hidden_dim", 256)),
         dropout=float(text_params.get("dropout", 0.1)),
+        wide=wide,
     )
+
+
+# --------------------------------------------------------------------------- wide (lexical) branch
+
+WIDE_FILE = "tfidf.joblib"
+#: the keyword arguments a wide branch takes: one "bag" of (feature index, tf-idf value) per row,
+#: EmbeddingBag-style (all rows' indices concatenated, `wide_offsets` = where each row starts).
+WIDE_INPUTS = ("wide_indices", "wide_offsets", "wide_weights")
+WIDE_DEFAULTS: dict[str, Any] = {
+    "max_features": 50000,  # per vectoriser (word and char_wb each)
+    "word_ngram_range": [1, 2],
+    "char_ngram_range": [2, 5],
+    "sublinear_tf": True,
+    "min_df_char": 2,
+    "title": True,  # a third vectoriser on the text's first sentence (the listing title)
+}
+
+
+def text_title(text: str, max_chars: int = 120) -> str:
+    """The first sentence of a clean `text` (= name + ". " + description): the listing title."""
+    head = text.split(". ", 1)[0]
+    return head[:max_chars]
+
+
+class WideFeaturizer:
+    """TF-IDF features of listing texts for the wide branch; only scikit-learn objects are pickled.
+
+    `text`: word n-grams + char_wb n-grams of the whole text (sublinear tf: long descriptions do not
+    drown the title); optional `title`: word n-grams of the first sentence, so title words weigh
+    more than the same words deep in a description (+0.5-1 point on the real data's val split).
+    Fitted on the train split only; an empty or missing text is an all-zero row (wide logits 0).
+    """
+
+    def __init__(self, vectorizers: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+        self.vectorizers = dict(vectorizers)
+        self.settings = dict(settings)
+
+    @staticmethod
+    def _build(settings: Mapping[str, Any]) -> dict[str, Any]:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.pipeline import FeatureUnion
+
+        max_features, sublinear = int(settings["max_features"]), bool(settings["sublinear_tf"])
+        word_range = tuple(int(v) for v in settings["word_ngram_range"])
+        char_range = tuple(int(v) for v in settings["char_ngram_range"])
+        common = {"sublinear_tf": sublinear, "strip_accents": "unicode", "dtype": np.float32}
+        word = TfidfVectorizer(ngram_range=word_range, max_features=max_features, **common)
+        char = TfidfVectorizer(analyzer="char_wb", ngram_range=char_range, min_df=int(settings["min_df_char"]), max_features=max_features, **common)
+        vectorizers: dict[str, Any] = {"text": FeatureUnion([("word", word), ("char", char)])}
+        if settings.get("title"):
+            vectorizers["title"] = TfidfVectorizer(ngram_range=word_range, max_features=max_features, **common)
+        return vectorizers
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], settings: Mapping[str, Any] | None = None) -> WideFeaturizer:
+        merged = {**WIDE_DEFAULTS, **(settings or {})}
+        featurizer = cls(cls._build(merged), merged)
+        texts = _clean_texts(texts)
+        for name, vectorizer in featurizer.vectorizers.items():
+            vectorizer.fit(featurizer._inputs(name, texts))
+        return featurizer
+
+    @staticmethod
+    def _inputs(name: str, texts: list[str]) -> list[str]:
+        return [text_title(text) for text in texts] if name == "title" else texts
+
+    @property
+    def n_features(self) -> int:
+        total = 0
+        for vectorizer in self.vectorizers.values():
+            parts = [v for _, v in vectorizer.transformer_list] if hasattr(vectorizer, "transformer_list") else [vectorizer]
+            total += sum(len(part.vocabulary_) for part in parts)
+        return total
+
+    def transform(self, texts: Sequence[str | None]) -> Any:
+        """(n, n_features) scipy CSR float32; None/NaN/"" rows are all zero."""
+        import scipy.sparse
+
+        texts = _clean_texts(texts)
+        blocks = [vectorizer.transform(self._inputs(name, texts)) for name, vectorizer in self.vectorizers.items()]
+        matrix = scipy.sparse.hstack(blocks, format="csr", dtype=np.float32)
+        matrix.sort_indices()
+        return matrix
+
+    def to_config(self) -> dict[str, Any]:
+        return {**self.settings, "n_features": self.n_features, "file": WIDE_FILE}
+
+    def save(self, path: str | Path) -> None:
+        import joblib
+
+        joblib.dump({"vectorizers": self.vectorizers, "settings": self.settings}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> WideFeaturizer:
+        import joblib
+
+        stored = joblib.load(path)
+        return cls(stored["vectorizers"], stored["settings"])
+
+
+def _clean_texts(texts: Sequence[str | None]) -> list[str]:
+    return ["" if text is None or (isinstance(text, float) and np.isnan(text)) else str(text) for text in texts]
+
+
+class WideLinear(nn.Module):
+    """Sparse linear layer over TF-IDF features: logits = sum_j x_j W[j] (no bias: empty text -> 0).
+
+    An `nn.EmbeddingBag(mode="sum")` weighted by the tf-idf values: only the non-zero features
+    of a batch are touched. Starts at zero (the deep head alone), like a logistic regression.
+    `dropout` drops whole features (tf-idf values) in training.
+    """
+
+    def __init__(self, n_features: int, n_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        # zeros given up front: building the branch draws no random numbers, so the deep head's
+        # initialisation is the same with or without it
+        self.bag = nn.EmbeddingBag(int(n_features), n_classes, mode="sum", _weight=torch.zeros(int(n_features), n_classes))
+        self.dropout = float(dropout)
+        self.n_features = int(n_features)
+
+    def forward(self, wide_indices: torch.Tensor, wide_offsets: torch.Tensor, wide_weights: torch.Tensor) -> torch.Tensor:
+        weights = F.dropout(wide_weights, self.dropout, self.training) if self.dropout > 0 else wide_weights
+        return self.bag(wide_indices, wide_offsets, per_sample_weights=weights.to(self.bag.weight.dtype))
+
+
+def add_wide_logits(logits: torch.Tensor, wide: WideLinear | None, wide_inputs: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`logits` + the wide branch's logits (rows where `mask` is False get none); unchanged without a branch."""
+    if wide is None or not wide_inputs:
+        return logits
+    missing = [name for name in WIDE_INPUTS if name not in wide_inputs]
+    if missing:
+        raise ValueError(f"the wide branch needs {list(WIDE_INPUTS)}; missing {missing}")
+    wide_logits = wide(*(wide_inputs[name] for name in WIDE_INPUTS)).to(logits.dtype)
+    if mask is not None:
+        wide_logits = torch.where(mask[:, None], wide_logits, torch.zeros_like(wide_logits))
+    return logits + wide_logits
 
 
 # --------------------------------------------------------------------------- multimodal
@@ -451,20 +623,44 @@ class FusionHead(nn.Module):
         drop_image = torch.rand(image_present.shape[0], device=image_present.device) < 0.5
         return image_present & ~(both & drop & drop_image), text_present & ~(both & drop & ~drop_image)
 
-    def embed(
-        self, image_emb: torch.Tensor, image_present: torch.Tensor, text_emb: torch.Tensor, text_present: torch.Tensor
-    ) -> torch.Tensor:
+    def _present(self, image_present: torch.Tensor, text_present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which modalities the head sees: the given ones, minus the modality dropout in training."""
         image_present, text_present = image_present.bool(), text_present.bool()
         if self.training and self.modality_dropout > 0:
             image_present, text_present = self._drop_modalities(image_present, text_present)
+        return image_present, text_present
+
+    def _fuse(self, image_emb: torch.Tensor, image_present: torch.Tensor, text_emb: torch.Tensor, text_present: torch.Tensor) -> torch.Tensor:
         image = torch.where(image_present[:, None], self.image_norm(image_emb.float()), self.missing_image)
         text = torch.where(text_present[:, None], self.text_norm(text_emb.float()), self.missing_text)
         return torch.relu(self.fusion(torch.cat([image, text], dim=1)))
 
-    def forward(
+    def embed(
         self, image_emb: torch.Tensor, image_present: torch.Tensor, text_emb: torch.Tensor, text_present: torch.Tensor
     ) -> torch.Tensor:
-        return self.classifier(self.dropout(self.embed(image_emb, image_present, text_emb, text_present)))
+        image_present, text_present = self._present(image_present, text_present)
+        return self._fuse(image_emb, image_present, text_emb, text_present)
+
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        image_present: torch.Tensor,
+        text_emb: torch.Tensor,
+        text_present: torch.Tensor,
+        wide: WideLinear | None = None,
+        **wide_inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Class logits; with a wide branch, its logits are added on the rows whose text the head saw
+        (a text hidden by the modality dropout hides its TF-IDF features too)."""
+        image_present, text_present = self._present(image_present, text_present)
+        embedding = self._fuse(image_emb, image_present, text_emb, text_present)
+        return self.classify(embedding, text_present, wide, **wide_inputs)
+
+    def classify(
+        self, embedding: torch.Tensor, text_present: torch.Tensor, wide: WideLinear | None = None, **wide_inputs: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of a fused embedding (+ wide logits where `text_present`)."""
+        return add_wide_logits(self.classifier(self.dropout(embedding)), wide, wide_inputs, mask=text_present.bool())
 
 
 def pool_per_owner(vectors: torch.Tensor, owner: torch.Tensor, n_owners: int, how: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,18 +682,27 @@ def pool_per_owner(vectors: torch.Tensor, owner: torch.Tensor, n_owners: int, ho
 
 
 class MultimodalClassifier(nn.Module):
-    """Image tower + text tower + FusionHead; `forward` takes raw pixels and tokens.
+    """Image tower + text tower + FusionHead [+ wide TF-IDF branch]; `forward` takes raw pixels and tokens.
 
     Inputs of a batch of B products: `pixels` (N, 3, H, W) holding all their photos,
     `image_owner` (N,) the product row of each photo, `input_ids`/`attention_mask` (B, L)
-    and `text_present` (B,) bool.
+    and `text_present` (B,) bool; with a wide branch also the `WIDE_INPUTS` of the texts.
+    The text tower's own wide branch (if any) is not used: the model has its own `wide`.
     """
 
-    def __init__(self, image_tower: ImageClassifier, text_tower: TextClassifier, fusion: FusionHead, image_pooling: str = "mean") -> None:
+    def __init__(
+        self,
+        image_tower: ImageClassifier,
+        text_tower: TextClassifier,
+        fusion: FusionHead,
+        image_pooling: str = "mean",
+        wide: WideLinear | None = None,
+    ) -> None:
         super().__init__()
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.fusion = fusion
+        self.wide = wide
         self.image_pooling = image_pooling
         self.embedding_dim = fusion.embedding_dim
 
@@ -521,8 +726,25 @@ class MultimodalClassifier(nn.Module):
     def embed(self, pixels, image_owner, input_ids, attention_mask, text_present) -> torch.Tensor:  # noqa: ANN001
         return self.fusion.embed(*self.tower_embeddings(pixels, image_owner, input_ids, attention_mask, text_present))
 
-    def forward(self, pixels, image_owner, input_ids, attention_mask, text_present) -> torch.Tensor:  # noqa: ANN001
-        return self.fusion(*self.tower_embeddings(pixels, image_owner, input_ids, attention_mask, text_present))
+    def forward(self, pixels, image_owner, input_ids, attention_mask, text_present, **wide_inputs) -> torch.Tensor:  # noqa: ANN001, ANN003
+        return self.fusion(*self.tower_embeddings(pixels, image_owner, input_ids, attention_mask, text_present), self.wide, **wide_inputs)
+
+    def logits_and_embedding(self, pixels, image_owner, input_ids, attention_mask, text_present, **wide_inputs) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001, ANN003
+        """(logits, fused embedding) in one pass (inference: eval mode, no modality dropout)."""
+        embedding = self.embed(pixels, image_owner, input_ids, attention_mask, text_present)
+        return self.fusion.classify(embedding, text_present, self.wide, **wide_inputs), embedding
+
+
+class FusionWithWide(nn.Module):
+    """The trainable part of a multimodal model on stored tower embeddings: fusion head + wide branch."""
+
+    def __init__(self, fusion: FusionHead, wide: WideLinear | None) -> None:
+        super().__init__()
+        self.fusion = fusion
+        self.wide = wide
+
+    def forward(self, image_emb, image_present, text_emb, text_present, **wide_inputs) -> torch.Tensor:  # noqa: ANN001, ANN003
+        return self.fusion(image_emb, image_present, text_emb, text_present, self.wide, **wide_inputs)
 
 
 def build_fusion_head(multimodal_params: Mapping[str, Any], image_dim: int, text_dim: int, n_classes: int) -> FusionHead:

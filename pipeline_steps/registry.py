@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 CLASSIFIER_KINDS = ("image", "text", "multimodal")
 PRICE_KIND = "price"
-BASELINE_BASES = ("image", "text", "multimodal", "price")
+BASELINE_BASES = ("image", "text", "multimodal", "price", "pixel")
 METRIC_TAG_PREFIX = "metric."
 RUN_ID_TAG = "run_id"
 SPLIT_HASH_TAG = "test_split_hash"

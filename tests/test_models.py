@@ -144,3 +144,97 @@ def test_fusion_head_uses_learned_missing_vectors_and_never_drops_both_modalitie
     other_image = head(torch.randn(64, 8), torch.zeros(64, dtype=torch.bool), text, present)
     assert no_image.shape == (64, 13) and torch.equal(no_image, other_image)  # absent image: only the missing vector counts
     assert head.embed(image, present, text, present).shape == (64, 5)
+
+
+# --------------------------------------------------------------------------- wide branch
+
+WIDE_TEXTS = [
+    "Oak table. Seats six, collection only",
+    "Mountain bike. 21 gears, new tyres",
+    "Table lamp. Brass, works fine",
+    "Kids bike. Stabilisers included",
+]
+
+
+def test_wide_featurizer_fits_word_char_and_title_features_and_round_trips(tmp_path) -> None:
+    featurizer = models.WideFeaturizer.fit(WIDE_TEXTS, {"max_features": 1000})
+    assert set(featurizer.vectorizers) == {"text", "title"}
+    matrix = featurizer.transform(WIDE_TEXTS + ["", None])
+    assert matrix.shape == (6, featurizer.n_features) and matrix.dtype == np.float32
+    assert matrix[4].nnz == 0 and matrix[5].nnz == 0  # no text: an all-zero row
+    title_vocabulary = featurizer.vectorizers["title"].vocabulary_
+    assert "oak table" in title_vocabulary and "seats" not in title_vocabulary  # the first sentence only
+    assert models.text_title("Oak table. Seats six") == "Oak table"
+    featurizer.save(tmp_path / models.WIDE_FILE)
+    again = models.WideFeaturizer.load(tmp_path / models.WIDE_FILE)
+    assert (again.transform(WIDE_TEXTS) != featurizer.transform(WIDE_TEXTS)).nnz == 0
+    assert featurizer.to_config()["n_features"] == featurizer.n_features
+    no_title = models.WideFeaturizer.fit(WIDE_TEXTS, {"title": False, "max_features": 5})
+    assert set(no_title.vectorizers) == {"text"} and no_title.n_features <= 10  # max_features per vectoriser
+
+
+def test_wide_linear_is_a_sparse_matmul_that_starts_at_zero() -> None:
+    from pipeline_steps import datasets as ds
+
+    featurizer = models.WideFeaturizer.fit(WIDE_TEXTS)
+    matrix = featurizer.transform([*WIDE_TEXTS, ""])
+    wide = models.WideLinear(featurizer.n_features, 3, dropout=0.5).eval()
+    bags = ds.csr_to_bags(matrix)
+    assert torch.equal(wide(**bags), torch.zeros(5, 3))  # like a logistic regression, it learns from zero
+    torch.manual_seed(0)
+    with torch.no_grad():
+        wide.bag.weight.normal_()
+    dense = torch.from_numpy(matrix.toarray()) @ wide.bag.weight
+    assert torch.allclose(wide(**bags), dense, atol=1e-5)
+    assert torch.equal(wide(**bags)[4], torch.zeros(3))  # empty text: no wide logits
+    rows = [(matrix[i].indices, matrix[i].data) for i in range(matrix.shape[0])]
+    assert all(torch.equal(a, b) for a, b in zip(ds.sparse_rows_to_bags(rows).values(), bags.values(), strict=True))
+    wide.train()
+    assert not torch.allclose(wide(**bags), dense)  # feature dropout in training
+
+
+def test_wide_branch_draws_no_random_numbers_and_adds_logits() -> None:
+    torch.manual_seed(3)
+    plain = models.MLPHead(8, 4, 3)
+    torch.manual_seed(3)
+    models.WideLinear(50, 3)
+    with_wide = models.MLPHead(8, 4, 3)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), with_wide.state_dict().values(), strict=True))
+    wide = models.WideLinear(5, 3)
+    with torch.no_grad():
+        wide.bag.weight.fill_(1.0)
+    head = models.WideAndDeepHead(plain, wide).eval()
+    embedding = torch.randn(2, 8)
+    bags = {"wide_indices": torch.tensor([0, 1]), "wide_offsets": torch.tensor([0, 2]), "wide_weights": torch.tensor([0.5, 0.25])}
+    with torch.no_grad():
+        assert torch.allclose(head(embedding, **bags), plain(embedding) + torch.tensor([[0.75] * 3, [0.0] * 3]))
+        assert torch.equal(head(embedding), plain(embedding))  # no wide inputs: the deep logits alone
+    with pytest.raises(ValueError, match="wide_weights"):
+        head(embedding, wide_indices=bags["wide_indices"], wide_offsets=bags["wide_offsets"])
+
+
+def test_fusion_head_adds_wide_logits_only_where_the_text_was_seen() -> None:
+    torch.manual_seed(0)
+    head = models.FusionHead(image_dim=4, text_dim=6, hidden_dim=5, n_classes=3, modality_dropout=0.0).eval()
+    wide = models.WideLinear(2, 3)
+    with torch.no_grad():
+        wide.bag.weight.fill_(2.0)
+    image, text = torch.randn(3, 4), torch.randn(3, 6)
+    image_present, text_present = torch.ones(3, dtype=torch.bool), torch.tensor([True, False, True])
+    bags = {"wide_indices": torch.tensor([0, 1, 0]), "wide_offsets": torch.tensor([0, 1, 2]), "wide_weights": torch.ones(3)}
+    with torch.no_grad():
+        plain = head(image, image_present, text, text_present)
+        fused = head(image, image_present, text, text_present, wide, **bags)
+    assert torch.allclose(fused - plain, torch.tensor([[2.0] * 3, [0.0] * 3, [2.0] * 3]))
+    head.train()
+    head.modality_dropout, head.dropout = 1.0, torch.nn.Identity()  # every row drops its photo or its text
+    both = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        _, text_seen = head._present(both, both)
+        torch.manual_seed(1)
+        fused = head(image, both, text, both, wide, **bags)
+        torch.manual_seed(1)
+        plain = head(image, both, text, both)
+    assert (~text_seen).any() and text_seen.any()
+    assert torch.allclose(fused - plain, 2.0 * text_seen[:, None].float().expand(3, 3))  # a hidden text hides its TF-IDF too

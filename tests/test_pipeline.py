@@ -1,0 +1,122 @@
+"""The whole pipeline as one Prefect flow run, on a tiny export, with a real MLflow registry.
+
+It trains every model for an epoch or two, registers them, checks the champion
+aliases, loads a champion back through `models:/<name>@champion`, then retrains
+the text model with a deliberately worse setting and checks that the new version
+becomes the challenger while the champion stays. Finally the index and the
+serving bundle are built from the champions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from flows.evaluate import evaluate_flow
+from flows.index import index_flow
+from flows.package import package_flow
+from flows.pipeline import pipeline_flow
+from flows.register import register_flow
+from flows.train import train_flow
+from pipeline_steps.index import SimilarityIndex
+from pipeline_steps.packaging import read_bundle_info
+from tests.flow_helpers import FAST_TRAINING, path_overrides, tiny_raw_export
+
+pytestmark = pytest.mark.integration
+
+NAMES = {
+    "image": "marketplace-image-classifier",
+    "text": "marketplace-text-classifier",
+    "multimodal": "marketplace-multimodal-classifier",
+    "price": "marketplace-price-estimator",
+    "text-baseline": "marketplace-text-baseline",
+    "pixel-baseline": "marketplace-pixel-baseline",
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[str]]]:
+    work = tmp_path_factory.mktemp("pipeline")
+    raw = tiny_raw_export(work / "raw")
+    overrides = path_overrides(work, raw) + FAST_TRAINING
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "BENTOML_HOME")}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
+    os.environ["BENTOML_HOME"] = str(work / "bentoml")
+    try:
+        pipeline_flow(overrides=overrides, stop="register")
+        yield work, overrides
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_every_model_is_registered_with_metrics_and_a_champion(pipeline_run: tuple[Path, list[str]]) -> None:
+    work, _ = pipeline_run
+    client = MlflowClient()
+    for kind, name in NAMES.items():
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert champion.tags.get("run_id"), kind
+        metric = "median_abs_error" if kind == "price" else "accuracy"
+        assert float(champion.tags[f"metric.{metric}"]) >= 0
+        assert (work / "metrics" / f"{kind}.json").is_file()
+    summary = json.loads((work / "artifacts" / "registry.json").read_text())
+    assert set(summary) == set(NAMES)
+
+
+def test_models_beat_chance_on_the_sample(pipeline_run: tuple[Path, list[str]]) -> None:
+    work, _ = pipeline_run
+    for kind in ("text", "multimodal", "text-baseline"):
+        accuracy = json.loads((work / "metrics" / f"{kind}.json").read_text())["accuracy"]
+        assert accuracy > 2 / 13, f"{kind} accuracy {accuracy:.3f} is not above chance"
+    price = json.loads((work / "metrics" / "price.json").read_text())
+    assert price["n"] > 0 and price["median_abs_error"] > 0
+
+
+def test_champion_loads_back_and_predicts(pipeline_run: tuple[Path, list[str]]) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAMES['text']}@champion")
+    answer = model.predict(pd.DataFrame({"text": ["Samsung Galaxy phone, unlocked, 128GB"], "image": [None]}))
+    assert answer.shape[0] == 1 and isinstance(answer["category"].iloc[0], str)
+    price = mlflow.pyfunc.load_model(f"models:/{NAMES['price']}@champion")
+    frame = pd.DataFrame({"text": ["Oak table"], "category": ["Home & Garden"], "town": ["Leeds"], "county": [""]})
+    assert float(price.predict(frame)["price"].iloc[0]) >= 0
+
+
+def test_worse_retrain_becomes_challenger_and_champion_stays(pipeline_run: tuple[Path, list[str]]) -> None:
+    _, overrides = pipeline_run
+    client = MlflowClient()
+    champion_before = client.get_model_version_by_alias(NAMES["text"], "champion").version
+    worse = overrides + ["train.text.epochs=1", "train.text.lr=0.00001"]
+    train_flow(overrides=worse, model="text")
+    evaluate_flow(overrides=worse, model="text")
+    decision = register_flow(overrides=worse, model="text")["text"]
+    assert decision["promoted"] is False
+    assert "champion" in decision["reason"]
+    assert client.get_model_version_by_alias(NAMES["text"], "champion").version == champion_before
+    challenger = client.get_model_version_by_alias(NAMES["text"], "challenger")
+    assert int(challenger.version) > int(champion_before)
+
+
+def test_index_and_bundle_belong_to_the_champions(pipeline_run: tuple[Path, list[str]]) -> None:
+    work, overrides = pipeline_run
+    results = index_flow(overrides=overrides)
+    client = MlflowClient()
+    for kind in ("image", "text", "multimodal"):
+        champion = client.get_model_version_by_alias(NAMES[kind], "champion")
+        loaded = SimilarityIndex.load(work / "artifacts" / "index" / kind, expected_model=(NAMES[kind], champion.version))
+        assert loaded.size > 0
+        assert 0.0 <= results[kind]["precision_at_1"] <= 1.0
+        assert client.get_model_version(NAMES[kind], champion.version).tags.get("index_run_id")
+    assert (work / "metrics" / "retrieval.json").is_file()
+    packaged = package_flow(overrides=overrides, build=False)
+    info = read_bundle_info(packaged["bundle_dir"])
+    assert set(info["models"]) >= {"image", "text", "multimodal", "price"}
