@@ -46,7 +46,7 @@ FAST_TRAINING = [
     "train.image.epochs=2",
     "train.image.batch_size=32",
     "train.image.augmentation=[horizontal_flip]",
-    "train.text.epochs=4",
+    "train.text.epochs=15",
     "train.text.max_length=32",
-    "train.multimodal.epochs=3",
+    "train.multimodal.epochs=20",
 ]

@@ -52,14 +52,27 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     multimodal = training.train_multimodal_classifier(
         clean_dir, params, image.model_dir, text.model_dir, root / "models" / "multimodal", progress=False
     )
-    return {"clean_dir": clean_dir, "image": image, "text": text, "multimodal": multimodal}
+    # wide & deep: a TF-IDF branch beside the MiniLM head, reused by the multimodal model
+    params["text"].update({"wide": True, "wide_max_features": 300, "wide_lr": 0.1, "epochs": 2})
+    params["multimodal"].update({"wide": True})
+    text_wide = training.train_text_classifier(clean_dir, params, root / "models" / "text_wide", progress=False)
+    multimodal_wide = training.train_multimodal_classifier(
+        clean_dir, params, image.model_dir, text_wide.model_dir, root / "models" / "multimodal_wide", progress=False
+    )
+    return {
+        "clean_dir": clean_dir, "image": image, "text": text, "multimodal": multimodal,
+        "text_wide": text_wide, "multimodal_wide": multimodal_wide,
+    }
 
 
 def _in_memory(result: training.TrainResult) -> inference.Classifier:
     """The model object training produced, wrapped without going through the disk."""
     image_cfg = result.config["preprocessing"].get("image")
     preprocessor = models.ImagePreprocessor.from_config(image_cfg) if image_cfg else None
-    return inference.Classifier(inference.LoadedModel(result.model, result.config, result.tokenizer, preprocessor), device="cpu")
+    wide = result.config["architecture"].get("wide")
+    featurizer = models.WideFeaturizer.load(result.model_dir / wide["file"]) if wide else None
+    loaded = inference.LoadedModel(result.model, result.config, result.tokenizer, preprocessor, featurizer)
+    return inference.Classifier(loaded, device="cpu")
 
 
 def _test_inputs(clean_dir: Path) -> tuple[list[Image.Image], list[str]]:
@@ -68,11 +81,12 @@ def _test_inputs(clean_dir: Path) -> tuple[list[Image.Image], list[str]]:
     return images, data.products_of("test")["text"].tolist()[:5]
 
 
-@pytest.mark.parametrize("kind", ["image", "text", "multimodal"])
+@pytest.mark.parametrize("kind", ["image", "text", "multimodal", "text_wide", "multimodal_wide"])
 def test_loaded_model_predicts_like_the_in_memory_one(trained: dict[str, Any], kind: str) -> None:
     result = trained[kind]
     loaded = inference.load_classifier(result.model_dir, device="cpu")
-    assert loaded.kind == kind and loaded.classes == result.config["classes"] and len(loaded.classes) == 13
+    assert loaded.kind == kind.split("_")[0] and loaded.classes == result.config["classes"] and len(loaded.classes) == 13
+    assert (loaded.loaded.wide is not None) == kind.endswith("_wide")
     images, texts = _test_inputs(trained["clean_dir"])
     rows = min(len(images), len(texts))
     images, texts = images[:rows], texts[:rows]
@@ -121,6 +135,77 @@ def test_multimodal_predicts_without_a_photo_or_without_a_text(trained: dict[str
         classifier.predict_proba([None], [None])
 
 
+def _wide_logits_off(classifier: inference.Classifier) -> inference.Classifier:
+    """The same classifier with its wide layer's weights zeroed (= its deep part alone)."""
+    import copy
+
+    deep = copy.deepcopy(classifier)
+    with torch.no_grad():
+        deep.module.wide.bag.weight.zero_()
+    return deep
+
+
+def test_wide_branch_changes_text_predictions_but_not_the_embedding(trained: dict[str, Any]) -> None:
+    classifier = inference.load_classifier(trained["text_wide"].model_dir)
+    _, texts = _test_inputs(trained["clean_dir"])
+    deep = _wide_logits_off(classifier)
+    assert not np.allclose(classifier.predict_proba(texts=texts), deep.predict_proba(texts=texts), atol=1e-4)  # the wide logits count
+    np.testing.assert_allclose(classifier.embed(texts=texts), deep.embed(texts=texts))  # the embedding is the MiniLM vector
+    np.testing.assert_allclose(
+        classifier.embed(texts=texts), inference.load_classifier(trained["text"].model_dir).embed(texts=texts), atol=1e-5
+    )  # same encoder, same vectors as the deep-only model: similarity search is unchanged
+
+
+def test_wide_multimodal_without_text_predicts_from_the_photo_alone(trained: dict[str, Any]) -> None:
+    classifier = inference.load_classifier(trained["multimodal_wide"].model_dir)
+    images, texts = _test_inputs(trained["clean_dir"])
+    proba = classifier.predict_proba([images[0], images[1], None], [None, "", texts[0]])
+    assert proba.shape == (3, 13) and np.isfinite(proba).all() and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+    deep = _wide_logits_off(classifier)
+    photo_only = [[images[0]], [images[1]]]
+    # no text: the wide logits are 0, so the prediction is the fusion head's alone
+    np.testing.assert_allclose(classifier.predict_proba(photo_only, [None, None]), deep.predict_proba(photo_only, [None, None]), atol=1e-6)
+    assert not np.allclose(classifier.predict_proba(texts=texts[:2]), deep.predict_proba(texts=texts[:2]), atol=1e-4)
+    assert classifier.embed(images=[images[0]]).shape == (1, classifier.embedding_dim)
+
+
+def _copy_without_wide(model_dir: Path, target: Path) -> Path:
+    """A model directory as written before the wide branch existed: no `wide` key at all."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    config["architecture"].pop("wide", None)
+    config["architecture"].get("text_tower", {}).pop("wide", None)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize("kind", ["text", "multimodal"])
+def test_directories_from_before_the_wide_branch_still_load(trained: dict[str, Any], kind: str, tmp_path: Path) -> None:
+    old_dir = _copy_without_wide(trained[kind].model_dir, tmp_path / kind)
+    images, texts = _test_inputs(trained["clean_dir"])
+    rows = min(len(images), len(texts))
+    old = inference.load_classifier(old_dir)
+    assert old.loaded.wide is None and getattr(old.module, "wide", None) is None
+    np.testing.assert_allclose(
+        old.predict_proba(images[:rows], texts[:rows]), inference.load_classifier(trained[kind].model_dir).predict_proba(images[:rows], texts[:rows]), atol=1e-6
+    )
+
+
+def test_wide_model_without_its_vectoriser_is_a_clear_error(trained: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    from pipeline_steps.errors import PipelineError
+
+    broken = tmp_path / "text"
+    shutil.copytree(trained["text_wide"].model_dir, broken)
+    (broken / models.WIDE_FILE).unlink()
+    with pytest.raises(PipelineError, match="tfidf.joblib is missing"):
+        inference.load_classifier(broken)
+
+
 def test_single_modality_models_reject_missing_inputs(trained: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="needs a photo"):
         inference.load_classifier(trained["image"].model_dir).predict_proba([None])
@@ -137,7 +222,7 @@ def test_batches_give_the_same_result_as_one_pass(trained: dict[str, Any]) -> No
     np.testing.assert_allclose(whole, small, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["image", "text", "multimodal"])
+@pytest.mark.parametrize("kind", ["image", "text", "multimodal", "multimodal_wide"])
 def test_predict_split_covers_every_row(trained: dict[str, Any], kind: str) -> None:
     clean_dir = trained["clean_dir"]
     classifier = inference.load_classifier(trained[kind].model_dir)

@@ -180,6 +180,127 @@ def test_multimodal_can_fine_tune_the_towers_end_to_end(clean_dir: Path, towers:
     assert len(result.history) == 1 and result.config["architecture"]["towers_fine_tuned"] is True
 
 
+def _wide_params(root: Path) -> dict[str, Any]:
+    params = tiny_params(root)
+    params["text"].update({"wide": True, "wide_max_features": 400, "wide_lr": 0.05, "wide_weight_decay": 0.0001, "wide_dropout": 0.1})
+    params["multimodal"].update({"wide": True})
+    return params
+
+
+@pytest.fixture(scope="module")
+def wide_text(clean_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> training.TrainResult:
+    root = tmp_path_factory.mktemp("wide")
+    return training.train_text_classifier(clean_dir, _wide_params(root), root / "models" / "text", progress=False)
+
+
+def test_wide_and_deep_text_classifier_trains_and_saves_its_vectoriser(clean_dir: Path, wide_text: training.TrainResult) -> None:
+    from pipeline_steps import models
+
+    assert _model_files(wide_text.model_dir) == {"config.json", "model.pt", "history.json", "encoder", models.WIDE_FILE}
+    wide = wide_text.config["architecture"]["wide"]
+    assert wide["n_features"] == wide_text.model.wide.n_features and wide["title"] is True and wide["file"] == models.WIDE_FILE
+    assert wide_text.config["params"]["wide_lr"] == 0.05 and wide_text.config["embedding_dim"] == 384  # embedding: still MiniLM
+    state = torch.load(wide_text.model_dir / "model.pt", weights_only=True)
+    assert state["wide.bag.weight"].shape == (wide["n_features"], 13) and state["wide.bag.weight"].abs().sum() > 0  # it learned
+    featurizer = models.WideFeaturizer.load(wide_text.model_dir / models.WIDE_FILE)
+    train_texts = ds.load_clean(clean_dir).products_of("train")["text"].tolist()
+    vocabulary = featurizer.vectorizers["title"].vocabulary_
+    assert all(word in vocabulary for word in ("sofa", "puppy"))  # fitted on the train split
+    assert featurizer.transform(train_texts).shape == (len(train_texts), wide["n_features"])
+
+
+def test_deep_only_text_model_records_no_wide_branch(towers: dict[str, training.TrainResult]) -> None:
+    assert towers["text"].config["architecture"]["wide"] is None and towers["text"].model.wide is None
+
+
+def test_wide_branch_with_a_fine_tuned_encoder(clean_dir: Path, tmp_path: Path) -> None:
+    params = _wide_params(tmp_path)
+    params["text"].update({"fine_tune": True, "epochs": 1, "max_length": 16})
+    result = training.train_text_classifier(clean_dir, params, tmp_path / "text", progress=False)
+    state = torch.load(tmp_path / "text" / "model.pt", weights_only=True)
+    assert any(key.startswith("encoder.transformer.") for key in state) and "wide.bag.weight" in state
+    assert result.config["architecture"]["wide"]["n_features"] == state["wide.bag.weight"].shape[0]
+
+
+def test_multimodal_reuses_the_text_towers_wide_branch(
+    clean_dir: Path, towers: dict[str, training.TrainResult], wide_text: training.TrainResult, tmp_path: Path
+) -> None:
+    from pipeline_steps import models
+
+    params = _wide_params(tmp_path)
+    params["multimodal"]["epochs"] = 1
+    before = torch.load(wide_text.model_dir / "model.pt", weights_only=True)["wide.bag.weight"]
+    seen: list[torch.Tensor] = []
+    original_fit = training.fit
+
+    def spy_fit(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        seen.append(model.wide.bag.weight.detach().clone())  # the weights training starts from
+        return original_fit(model, *args, **kwargs)
+
+    training.fit = spy_fit
+    try:
+        result = training.train_multimodal_classifier(
+            clean_dir, params, towers["image"].model_dir, wide_text.model_dir, tmp_path / "multimodal", progress=False
+        )
+    finally:
+        training.fit = original_fit
+    assert torch.equal(seen[0], before)  # initialised from the text tower's wide layer
+    assert models.WIDE_FILE in _model_files(result.model_dir)
+    wide = result.config["architecture"]["wide"]
+    assert "text tower" in wide["source"] and wide["n_features"] == wide_text.config["architecture"]["wide"]["n_features"]
+    assert "wide" not in result.config["architecture"]["text_tower"]
+    state = torch.load(result.model_dir / "model.pt", weights_only=True)
+    assert "wide.bag.weight" in state and not any(key.startswith("text_tower.wide") for key in state)  # one copy only
+
+    params["multimodal"]["wide_init"] = "zero"
+    training.fit = spy_fit
+    try:
+        training.train_multimodal_classifier(clean_dir, params, towers["image"].model_dir, wide_text.model_dir, tmp_path / "zero", progress=False)
+    finally:
+        training.fit = original_fit
+    assert seen[-1].abs().sum() == 0
+
+
+def test_multimodal_fits_its_own_wide_branch_over_a_deep_only_text_tower(
+    clean_dir: Path, towers: dict[str, training.TrainResult], tmp_path: Path
+) -> None:
+    params = _wide_params(tmp_path)
+    params["multimodal"].update({"epochs": 1, "wide_max_features": 50, "wide_title": False})
+    result = training.train_multimodal_classifier(
+        clean_dir, params, towers["image"].model_dir, towers["text"].model_dir, tmp_path / "multimodal", progress=False
+    )
+    wide = result.config["architecture"]["wide"]
+    assert wide["source"].startswith("fitted on the train split") and wide["title"] is False and wide["n_features"] <= 100
+
+
+def test_wide_settings_are_checked_naming_their_keys(clean_dir: Path, tmp_path: Path) -> None:
+    params = _wide_params(tmp_path)
+    params["text"]["wide_char_ngram_range"] = [5, 2]
+    with pytest.raises(ConfigError, match=r"train\.text\.wide_char_ngram_range"):
+        training.train_text_classifier(clean_dir, params, tmp_path / "text", progress=False)
+    params = _wide_params(tmp_path)
+    params["text"]["wide"] = "yes"
+    with pytest.raises(ConfigError, match=r"train\.text\.wide\b"):
+        training.train_text_classifier(clean_dir, params, tmp_path / "text", progress=False)
+    params = _wide_params(tmp_path)
+    params["multimodal"]["wide_init"] = "random"
+    with pytest.raises(ConfigError, match=r"train\.multimodal\.wide_init.*tower"):
+        training._multimodal_wide(params["multimodal"], True, {}, None, [], 13)
+
+
+def test_lr_warm_up_epochs_do_not_count_towards_patience(clean_dir: Path, tmp_path: Path) -> None:
+    assert training.warmup_epochs("onecycle", steps_per_epoch=10, epochs=12) == 2  # the LR peaks in epoch 3
+    assert training.warmup_epochs("onecycle", steps_per_epoch=4, epochs=6) == 0
+    assert training.warmup_epochs("cosine", steps_per_epoch=10, epochs=12) == 0
+    params = tiny_params(tmp_path)
+    params["early_stopping_patience"] = 1
+    params["text"].update({"epochs": 20, "batch_size": 8, "lr": 0.0, "weight_decay": 0.0})  # val loss never improves
+    result = training.train_text_classifier(clean_dir, params, tmp_path / "text", progress=False)
+    # 4 steps per epoch, 80 in all: the LR peaks at step 16, so epochs 2 and 3 (ending at steps 8, 12)
+    # are not counted and the first counted epoch without improvement, 4, stops it (patience 1)
+    assert result.stopped_early and len(result.history) == 4 and result.best_epoch == 1
+
+
 class Crash(Exception):
     """Stands for a killed process: raised by the epoch callback after the checkpoint is written."""
 
