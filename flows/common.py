@@ -33,7 +33,7 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # A loaded 2-core machine can take longer than Prefect's default 20 s to start
     # the temporary local API that serverless flow runs use.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
     "PREFECT_HOME": str(config.PROJECT_ROOT / ".prefect"),
 }
 for _key, _value in OFFLINE_ENV.items():
