@@ -265,7 +265,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["models"][name] = run_text_baseline(params, clean_dir, work)
         elif name == "image":
             if image_dir is not None:
-                report["models"][name] = {**score_dir(image_dir, clean_dir), "model_dir": str(image_dir), "trained_here": False}
+                config = json.loads((image_dir / "config.json").read_text())
+                history = json.loads((image_dir / "history.json").read_text())
+                report["models"][name] = {
+                    **score_dir(image_dir, clean_dir), "model_dir": str(image_dir), "trained_here": False,
+                    "training": config.get("training"), "params": config.get("params"),
+                    "history": [{k: round(v, 4) for k, v in row.items()} for row in history],
+                }
             else:
                 image_dir, report["models"][name] = run_image(params, clean_dir, work)
         else:

@@ -273,6 +273,19 @@ def test_multimodal_fits_its_own_wide_branch_over_a_deep_only_text_tower(
     assert wide["source"].startswith("fitted on the train split") and wide["title"] is False and wide["n_features"] <= 100
 
 
+def test_multimodal_wide_branch_trains_end_to_end_with_the_towers(
+    clean_dir: Path, towers: dict[str, training.TrainResult], wide_text: training.TrainResult, tmp_path: Path
+) -> None:
+    params = _wide_params(tmp_path)
+    params["multimodal"].update({"fine_tune_towers": True, "epochs": 1, "wide_lr": 0.05})
+    result = training.train_multimodal_classifier(
+        clean_dir, params, towers["image"].model_dir, wide_text.model_dir, tmp_path / "multimodal", progress=False
+    )
+    before = torch.load(wide_text.model_dir / "model.pt", weights_only=True)["wide.bag.weight"]
+    after = torch.load(result.model_dir / "model.pt", weights_only=True)["wide.bag.weight"]
+    assert result.config["architecture"]["towers_fine_tuned"] is True and not torch.equal(before, after)  # the wide layer learned too
+
+
 def test_wide_settings_are_checked_naming_their_keys(clean_dir: Path, tmp_path: Path) -> None:
     params = _wide_params(tmp_path)
     params["text"]["wide_char_ngram_range"] = [5, 2]
