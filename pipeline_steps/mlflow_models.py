@@ -36,6 +36,7 @@ from pipeline_steps.inference import Classifier, load_classifier, read_config
 RUNTIME_PACKAGES = (
     "mlflow", "cloudpickle", "torch", "torchvision", "transformers", "tokenizers", "safetensors",
     "numpy", "pandas", "pillow", "pyyaml", "tqdm",
+    "scikit-learn", "joblib", "scipy",  # the wide branch's TF-IDF vectoriser (tfidf.joblib)
 )
 PACKAGE_DIR = Path(__file__).resolve().parent
 
