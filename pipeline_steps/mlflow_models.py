@@ -68,6 +68,14 @@ def _text_or_none(value: Any) -> str | None:
     return str(value)
 
 
+def category_frame(proba: Any, classes: Sequence[str], index: pd.Index) -> pd.DataFrame:
+    """The pyfunc answer of every classifier: `category` then one probability column per class."""
+    proba = np.asarray(proba, dtype=np.float64)
+    out = pd.DataFrame(proba, columns=list(classes), index=index)
+    out.insert(0, "category", [classes[i] for i in proba.argmax(axis=1)])
+    return out
+
+
 class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper; artifacts = {"model_dir": <trained model directory>}."""
 
@@ -88,9 +96,7 @@ class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
         proba = self.classifier.predict_proba(
             images=None if kind == "text" else images, texts=None if kind == "image" else texts
         )
-        out = pd.DataFrame(proba.astype(np.float64), columns=self.classifier.classes, index=frame.index)
-        out.insert(0, "category", [self.classifier.classes[i] for i in proba.argmax(axis=1)])
-        return out
+        return category_frame(proba, self.classifier.classes, frame.index)
 
 
 def default_input_example(kind: str) -> pd.DataFrame:
@@ -190,9 +196,7 @@ class SklearnPyfunc(mlflow.pyfunc.PythonModel):
             proba = self.model.predict_proba(texts=[_text_or_none(v) for v in frame["text"]])
         else:
             proba = self.model.predict_proba(images=[decode_image(v, row) for row, v in enumerate(frame["image"])])
-        out = pd.DataFrame(np.asarray(proba, dtype=np.float64), columns=self.model.classes, index=frame.index)
-        out.insert(0, "category", [self.model.classes[i] for i in np.asarray(proba).argmax(axis=1)])
-        return out
+        return category_frame(proba, self.model.classes, frame.index)
 
 
 def log_sklearn_model_dir(model_dir: str | Path, name: str, **log_model_kwargs: Any) -> ModelInfo:
