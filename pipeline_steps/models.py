@@ -44,6 +44,7 @@ from torchvision.transforms import v2
 
 from pipeline_steps.config import require_choice, resolve_path
 from pipeline_steps.errors import ConfigError
+from pipeline_steps.text_features import text_title
 
 # --------------------------------------------------------------------------- image backbones
 
@@ -466,12 +467,6 @@ WIDE_DEFAULTS: dict[str, Any] = {
     "min_df_char": 2,
     "title": True,  # a third vectoriser on the text's first sentence (the listing title)
 }
-
-
-def text_title(text: str, max_chars: int = 120) -> str:
-    """The first sentence of a clean `text` (= name + ". " + description): the listing title."""
-    head = text.split(". ", 1)[0]
-    return head[:max_chars]
 
 
 class WideFeaturizer:

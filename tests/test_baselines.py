@@ -258,3 +258,21 @@ def test_text_baseline_on_real_data(tmp_path: Path) -> None:
     metrics = evaluate_baseline(tmp_path / "text", clean, "test")["metrics"]
     assert len(metrics["per_class"]) == 13
     assert metrics["accuracy"] > 0.75, metrics
+
+
+def test_title_vectoriser_sees_only_the_first_sentence() -> None:
+    """A word in the title gets a title feature; the same word later in the description does not."""
+    from pipeline_steps.baselines import _text_features
+
+    features = _text_features({**baseline_params(FAST), "title_ngrams": True})
+    assert [name for name, _ in features.transformer_list] == ["word", "char", "title"]
+    features.fit(["Oak table. Seats six", "Pine chair. Sturdy", "Lamp. Oak base"])
+    title = features.transformer_list[2][1]
+    vocabulary = title.named_steps["tfidf"].vocabulary_
+    assert "oak" in vocabulary and "base" not in vocabulary  # "base" only ever appears after the title
+    as_title, in_description = title.transform(["Oak shelf. Nice", "Shelf. Oak finish"]).toarray()
+    assert as_title[vocabulary["oak"]] > 0 and in_description[vocabulary["oak"]] == 0
+    assert title.transform([None]).nnz == 0  # a missing text is an empty title, not an error
+
+    without = _text_features({**baseline_params(FAST), "title_ngrams": False})
+    assert [name for name, _ in without.transformer_list] == ["word", "char"]
