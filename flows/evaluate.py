@@ -9,7 +9,7 @@ so the MLflow UI's run comparison lines the models up.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
@@ -17,7 +17,7 @@ from prefect import flow, task
 
 from flows import tracking
 from flows.common import base_parser, load_params, path_of, run_cli
-from pipeline_steps import evaluation, inference
+from pipeline_steps import evaluation, inference, registry
 from pipeline_steps.baselines import evaluate_baseline
 from pipeline_steps.config import existing_dir, require_choice
 from pipeline_steps.io_utils import read_json
@@ -25,22 +25,36 @@ from pipeline_steps.io_utils import read_json
 CLASSIFIERS = ("image", "text", "multimodal")
 SKLEARN = ("text-baseline", "pixel-baseline", "price")
 MODELS = (*SKLEARN, *CLASSIFIERS)
+MODEL_RUN_KEY = "model_run_id"
+SPLIT_HASH_KEY = "test_split_hash"
 
 
-def _score(kind: str, model_dir: Path, clean_dir: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, list[str]]:
-    """Test-split metrics plus (y_true, y_pred) for the confusion matrix."""
+class Scored(NamedTuple):
+    metrics: dict[str, Any]
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    classes: list[str]
+    ids: list[str]  # product_id of each scored row (one per photo for the image models)
+
+
+def score_model(kind: str, model_dir: Path, clean_dir: Path) -> Scored:
+    """Test-split metrics, (y_true, y_pred) for the confusion matrix and the ids of the scored rows.
+
+    Also used by the register stage to re-score a champion on the current test split.
+    """
     if kind in CLASSIFIERS:
         classifier = inference.load_classifier(model_dir)
         prediction = inference.predict_split(classifier, clean_dir, "test")
         metrics = evaluation.classification_metrics(prediction.labels, prediction.proba, classifier.classes)
         metrics["unit"] = "image" if kind == "image" else "product"
-        return metrics, prediction.labels, prediction.proba.argmax(axis=1), classifier.classes
+        ids = prediction.ids["product_id"].astype(str).tolist()
+        return Scored(metrics, prediction.labels, prediction.proba.argmax(axis=1), classifier.classes, ids)
     result = evaluate_baseline(model_dir, clean_dir, "test")
     metrics = result["metrics"]
     classes = read_json(clean_dir / "labels.json")["classes"]
     if kind != "price":
         metrics["unit"] = "image" if kind == "pixel-baseline" else "product"
-    return metrics, np.asarray(result["y_true"]), np.asarray(result["y_pred"]), classes
+    return Scored(metrics, np.asarray(result["y_true"]), np.asarray(result["y_pred"]), classes, result["ids"])
 
 
 @task(name="evaluate-model")
@@ -51,8 +65,11 @@ def evaluate_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
         raise FileNotFoundError(f"{model_dir} holds no trained model: run the train stage first")
     metrics_dir = path_of(settings, "evaluate.metrics_dir")
     plots_dir = path_of(settings, "evaluate.plots_dir")
-    metrics, y_true, y_pred, classes = _score(kind, model_dir, clean_dir)
+    metrics, y_true, y_pred, classes, ids = score_model(kind, model_dir, clean_dir)
     metrics["split"] = "test"
+    # what register checks: these numbers belong to this model (its training run) and these rows
+    metrics[MODEL_RUN_KEY] = tracking.run_id_of(model_dir)
+    metrics[SPLIT_HASH_KEY] = registry.split_hash(ids)
     evaluation.write_metrics_json(metrics_dir / f"{kind}.json", metrics)
 
     figures = []

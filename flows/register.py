@@ -1,46 +1,86 @@
 """Flow: log each evaluated model to MLflow, register a new version, promote the better one.
 
 A version is registered only with its test metrics (read from the evaluate
-stage's metrics/<model>.json), and the `champion` alias moves to it only when it
-beats the current champion on the configured metric on the same test split;
-otherwise it becomes `challenger` and the reason is printed.
+stage's metrics/<model>.json, which must name the run that trained the model in
+models/<kind>), and the `champion` alias moves to it only when it beats the
+current champion on the configured metric on the same test split; otherwise it
+becomes `challenger` and the reason is printed. A champion scored on another
+test split (new data or a new split seed) is first re-scored on this one.
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from prefect import flow, task
 
 from flows import tracking
 from flows.common import base_parser, load_params, path_of, run_cli
+from flows.evaluate import MODEL_RUN_KEY, SPLIT_HASH_KEY, score_model
 from pipeline_steps import registry
 from pipeline_steps.config import existing_dir, require_choice
+from pipeline_steps.errors import PipelineError
 from pipeline_steps.io_utils import read_json, write_json
-from pipeline_steps.mlflow_models import log_model_dir
+from pipeline_steps.mlflow_models import find_model_dir, log_model_dir
 
 MODELS = ("text-baseline", "pixel-baseline", "price", "image", "text", "multimodal")
 
 
-def _test_split_hash(clean_dir: Any, kind: str) -> str:
-    """Identity of the test split a model was scored on (photos for image models, else products)."""
-    table = "images" if kind in ("image", "pixel-baseline") else "products"
-    frame = pd.read_parquet(clean_dir / f"{table}.parquet", columns=["split", "product_id"])
-    return registry.split_hash(frame.loc[frame["split"] == "test", "product_id"].astype(str))
+def checked_split_hash(kind: str, model_dir: Path, metrics_file: Path, metrics: dict[str, Any]) -> str:
+    """The test-split hash of `metrics_file`, once it is clear those numbers score this very model.
+
+    evaluate writes the training run of the model it scored and a hash of the rows it scored;
+    a model retrained since (another run id) would otherwise be registered with its
+    predecessor's numbers.
+    """
+    scored_run, split = metrics.get(MODEL_RUN_KEY), metrics.get(SPLIT_HASH_KEY)
+    again = f"run `python -m flows.evaluate --model {kind}` (or `dvc repro evaluate`) first"
+    if not scored_run or not split:
+        raise PipelineError(f"{metrics_file} does not say which model and test rows it scored (an older evaluate wrote it): {again}")
+    trained_in = tracking.run_id_of(model_dir)
+    if scored_run != trained_in:
+        raise PipelineError(
+            f"{metrics_file} scores the {kind} model of run {scored_run}, but {model_dir} was trained in run {trained_in}: {again}"
+        )
+    return str(split)
 
 
-@task(name="register-and-promote", retries=2, retry_delay_seconds=5)
+def rescore_champion(kind: str, name: str, split: str, clean_dir: Path, alias: str) -> str | None:
+    """Score the champion on this test split when it was scored on another one (new data, new split).
+
+    Without this a new export or split seed could never unseat the champion: the versions would
+    be "not comparable" forever and the index and service would keep the old model. Returns a
+    line for the log, or None when the champion already has numbers for this split.
+    """
+    found = registry.alias_split(name, alias)
+    if found is None or found[1] == split:
+        return None
+    version, old_split = found
+    with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
+        model_dir = find_model_dir(registry.download_champion(name, alias, tmp))
+        model_classes = read_json(model_dir / "config.json").get("classes")
+        if model_classes is not None and list(model_classes) != list(read_json(clean_dir / "labels.json")["classes"]):
+            return f"{alias} v{version} predicts another class list than {clean_dir / 'labels.json'}: not re-scored"
+        scored = score_model(kind, model_dir, clean_dir)
+    numbers = {key: value for key, value in scored.metrics.items() if isinstance(value, (int, float))}
+    registry.record_rescore(name, version, numbers, registry.split_hash(scored.ids))
+    return f"{alias} v{version} had been scored on another test split ({(old_split or 'unknown')[:12]}…): re-scored on this one"
+
+
+@task(name="register-model-version")
 def register_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Retried: a locked SQLite store or a slow artifact copy is transient."""
+    """Not retried: a retry after a half-finished registration would register a second version."""
     registry_params = settings["registry"]
-    clean_dir = existing_dir(settings, "data.clean_dir")
     model_dir = path_of(settings, "train.models_dir") / kind
     metrics_file = path_of(settings, "evaluate.metrics_dir") / f"{kind}.json"
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file} is missing: evaluate '{kind}' before registering it")
+    scored = read_json(metrics_file)
+    split = checked_split_hash(kind, model_dir, metrics_file, scored)
     # The headline numbers become version tags; the per-class report stays in the run.
-    metrics = {key: value for key, value in read_json(metrics_file).items() if isinstance(value, (int, float))}
+    metrics = {key: value for key, value in scored.items() if isinstance(value, (int, float))}
     name = registry.model_name(registry_params["model_prefix"], kind)
     promotion = registry.promotion_settings(registry_params, kind)
     with tracking.reopen_run(settings, model_dir) as run:
@@ -52,11 +92,22 @@ def register_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
             metrics,
             description=f"{kind} model trained in run {run.info.run_id}",
             promotion_metric=promotion["metric"],
-            test_split_hash=_test_split_hash(clean_dir, kind),
+            test_split_hash=split,
             tags={"model_kind": kind},
         )
-    decision = registry.promote(name, version.version, **promotion)
-    print(f"{name} v{version.version}: {'champion' if decision.promoted else decision.alias} — {decision.reason}")
+    return {"name": name, "version": str(version.version), "split": split}
+
+
+@task(name="promote-model-version", retries=2, retry_delay_seconds=5)
+def promote_task(kind: str, registered: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """Retried: a locked SQLite store or a slow download is transient, and every step here is idempotent."""
+    name, version = registered["name"], registered["version"]
+    promotion = registry.promotion_settings(settings["registry"], kind)
+    note = rescore_champion(kind, name, registered["split"], existing_dir(settings, "data.clean_dir"), promotion["champion_alias"])
+    if note:
+        print(f"{name}: {note}")
+    decision = registry.promote(name, version, **promotion)
+    print(f"{name} v{version}: {'champion' if decision.promoted else decision.alias} — {decision.reason}")
     return decision.to_dict()
 
 
@@ -65,11 +116,14 @@ def register_flow(params: str | None = None, overrides: list[str] | None = None,
     settings = load_params(params, overrides or [])
     require_choice(model, "--model", ("all", *MODELS))
     kinds = MODELS if model == "all" else (model,)
-    decisions = {kind: register_task(kind, settings) for kind in kinds}
     summary_path = path_of(settings, "train.models_dir").parent / "registry.json"
-    summary = read_json(summary_path) if summary_path.is_file() else {}
-    summary.update(decisions)
-    write_json(summary_path, summary)
+    decisions: dict[str, Any] = {}
+    for kind in kinds:
+        decisions[kind] = promote_task(kind, register_task(kind, settings), settings)
+        # one model at a time: a later failure leaves the earlier decisions on record
+        summary = read_json(summary_path) if summary_path.is_file() else {}
+        summary[kind] = decisions[kind]
+        write_json(summary_path, summary)
     return decisions
 
 

@@ -549,8 +549,9 @@ def load_sklearn_model(model_dir: str | Path) -> SklearnModel:
 def evaluate_baseline(model_dir: str | Path, clean_dir: str | Path, split: str = "test") -> dict[str, Any]:
     """Score a saved baseline on one split of the clean layer, as the evaluate stage does.
 
-    Returns {"metrics": ..., "y_true": ..., "y_pred": ...} (label codes for classifiers,
-    prices for the estimator) so the caller can also draw a confusion matrix.
+    Returns {"metrics": ..., "y_true": ..., "y_pred": ..., "ids": ...} (label codes for
+    classifiers, prices for the estimator; `ids` = the product_id of each scored row, which
+    the registry hashes so two versions are only compared on the same rows).
     """
     model = load_sklearn_model(model_dir)
     clean_dir = Path(clean_dir)
@@ -561,7 +562,7 @@ def evaluate_baseline(model_dir: str | Path, clean_dir: str | Path, split: str =
         truth = rows["price"].astype(float).to_numpy()
         predicted = model.predict_price(rows)
         return {"metrics": regression_metrics(truth, predicted, model.median_price),
-                "y_true": truth, "y_pred": predicted}
+                "y_true": truth, "y_pred": predicted, "ids": rows["product_id"].astype(str).tolist()}
     if isinstance(model, SklearnTextClassifier):
         rows = load_clean_products(clean_dir, split)
         proba = model.predict_proba(rows["text"].tolist()) if not rows.empty else None
@@ -572,4 +573,4 @@ def evaluate_baseline(model_dir: str | Path, clean_dir: str | Path, split: str =
         raise DataValidationError(f"no '{split}' rows in {clean_dir}")
     truth = rows["label"].to_numpy(dtype=int)
     return {"metrics": classification_metrics(truth, proba, model.classes),
-            "y_true": truth, "y_pred": proba.argmax(axis=1)}
+            "y_true": truth, "y_pred": proba.argmax(axis=1), "ids": rows["product_id"].astype(str).tolist()}

@@ -52,6 +52,7 @@ BASELINE_BASES = ("image", "text", "multimodal", "price", "pixel")
 METRIC_TAG_PREFIX = "metric."
 RUN_ID_TAG = "run_id"
 SPLIT_HASH_TAG = "test_split_hash"
+REGISTERED_SPLIT_TAG = "registered_test_split_hash"
 PROMOTION_METRIC_TAG = "promotion_metric"
 
 # The URIs this module last set: mlflow.set_tracking_uri/set_registry_uri also export them
@@ -663,6 +664,37 @@ def champion_version(name: str, alias: str = "champion") -> tuple[str, str | Non
     if found is None:
         return None
     return str(found.version), found.run_id or (found.tags or {}).get(RUN_ID_TAG)
+
+
+def alias_split(name: str, alias: str = "champion") -> tuple[str, str | None] | None:
+    """(version, test_split_hash tag) of the version holding `alias`, or None when there is none."""
+    found = _version_by_alias(MlflowClient(), name, alias)
+    if found is None:
+        return None
+    return str(found.version), (found.tags or {}).get(SPLIT_HASH_TAG)
+
+
+def record_rescore(name: str, version: str | int, metrics: Mapping[str, Any], test_split_hash: str) -> ModelVersion:
+    """Re-tag `version` with its metrics on another test split (a champion re-scored on new data).
+
+    The `metric.*` and `test_split_hash` tags always describe the split the version was last
+    scored on, so promote() compares like with like; the split it was registered with stays
+    in `registered_test_split_hash` and the registration run keeps the original numbers.
+    """
+    test_metrics = _test_metrics(metrics)
+    if not test_metrics:
+        raise RegistryError(f"refusing to re-tag {name!r} version {version}: no metrics were given")
+    client = MlflowClient()
+    version = str(version)
+    with _store_lock():
+        current = client.get_model_version(name, version)
+        tags = current.tags or {}
+        if REGISTERED_SPLIT_TAG not in tags and tags.get(SPLIT_HASH_TAG):
+            client.set_model_version_tag(name, version, REGISTERED_SPLIT_TAG, tags[SPLIT_HASH_TAG])
+        for key, value in test_metrics.items():
+            client.set_model_version_tag(name, version, f"{METRIC_TAG_PREFIX}{key}", _tag_value(value))
+        client.set_model_version_tag(name, version, SPLIT_HASH_TAG, str(test_split_hash))
+        return client.get_model_version(name, version)
 
 
 def champion_uri(name: str, alias: str = "champion") -> str:

@@ -25,6 +25,7 @@ from flows.package import package_flow
 from flows.pipeline import pipeline_flow
 from flows.register import register_flow
 from flows.train import train_flow
+from pipeline_steps.errors import PipelineError
 from pipeline_steps.index import SimilarityIndex
 from pipeline_steps.packaging import read_bundle_info
 from tests.flow_helpers import FAST_TRAINING, path_overrides, tiny_raw_export
@@ -100,10 +101,44 @@ def test_worse_retrain_becomes_challenger_and_champion_stays(pipeline_run: tuple
     evaluate_flow(overrides=worse, model="text")
     decision = register_flow(overrides=worse, model="text")["text"]
     assert decision["promoted"] is False
-    assert "champion" in decision["reason"]
+    # lost on the metric, on the same split (not "not comparable")
+    assert "does not beat" in decision["reason"], decision["reason"]
+    assert decision["champion_value"] is not None and decision["new_value"] <= decision["champion_value"]
     assert client.get_model_version_by_alias(NAMES["text"], "champion").version == champion_before
     challenger = client.get_model_version_by_alias(NAMES["text"], "challenger")
     assert int(challenger.version) > int(champion_before)
+
+
+def test_a_retrained_model_is_not_registered_with_its_predecessors_metrics(pipeline_run: tuple[Path, list[str]]) -> None:
+    _, overrides = pipeline_run
+    client = MlflowClient()
+    versions_before = len(client.search_model_versions(f"name='{NAMES['text-baseline']}'"))
+    train_flow(overrides=overrides, model="baselines")  # a new run; metrics/text-baseline.json is now stale
+    with pytest.raises(PipelineError, match="evaluate"):
+        register_flow(overrides=overrides, model="text-baseline")
+    assert len(client.search_model_versions(f"name='{NAMES['text-baseline']}'")) == versions_before
+    evaluate_flow(overrides=overrides, model="text-baseline")
+    assert register_flow(overrides=overrides, model="text-baseline")["text-baseline"]["version"]
+
+
+def test_a_champion_scored_on_another_split_is_rescored_before_the_comparison(pipeline_run: tuple[Path, list[str]]) -> None:
+    """New data (another test split) must not freeze the champion: it is re-scored on the current split."""
+    _, overrides = pipeline_run
+    client = MlflowClient()
+    name = NAMES["price"]
+    champion = client.get_model_version_by_alias(name, "champion")
+    current_split = champion.tags["test_split_hash"]
+    client.set_model_version_tag(name, champion.version, "test_split_hash", "an-older-export")
+    client.set_model_version_tag(name, champion.version, "metric.median_abs_error", "999999.0")
+
+    decision = register_flow(overrides=overrides, model="price")["price"]
+
+    rescored = client.get_model_version(name, champion.version)
+    assert rescored.tags["test_split_hash"] == current_split
+    assert rescored.tags["registered_test_split_hash"] == "an-older-export"
+    assert float(rescored.tags["metric.median_abs_error"]) == pytest.approx(decision["champion_value"])
+    assert decision["champion_value"] < 999999.0  # the champion's real error on this split, not the stale tag
+    assert "not comparable" not in decision["reason"], decision["reason"]
 
 
 def test_index_and_bundle_belong_to_the_champions(pipeline_run: tuple[Path, list[str]]) -> None:
