@@ -383,14 +383,17 @@ def is_price_kind(kind: str) -> bool:
 def promotion_settings(registry_params: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """The promote() keyword arguments for a model kind, from params.yaml `registry:`."""
     promotion = registry_params.get("promotion") or {}
-    if is_price_kind(kind):
+    # one margin per metric: accuracy is a fraction, the price error is in pounds
+    family = "price" if is_price_kind(kind) else "classifier"
+    if family == "price":
         metric, higher = promotion.get("price_metric", "median_abs_error"), False
     else:
         metric, higher = promotion.get("classifier_metric", "accuracy"), True
+    margin = promotion.get(f"{family}_min_improvement", promotion.get("min_improvement", 0.0))
     return {
         "metric": str(metric),
         "higher_is_better": higher,
-        "min_improvement": float(promotion.get("min_improvement", 0.0) or 0.0),
+        "min_improvement": float(margin or 0.0),
         "champion_alias": str(registry_params.get("champion_alias", "champion")),
         "challenger_alias": str(registry_params.get("challenger_alias", "challenger")),
     }

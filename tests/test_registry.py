@@ -223,6 +223,16 @@ def test_promotion_settings():
     assert text["champion_alias"] == "champion" and text["challenger_alias"] == "challenger"
 
 
+def test_promotion_margins_are_per_metric():
+    """One accuracy point and one pound are different margins; a shared key is the fallback."""
+    params = {**REGISTRY_PARAMS, "promotion": {"classifier_min_improvement": 0.01, "price_min_improvement": 2.5}}
+    assert promotion_settings(params, "text")["min_improvement"] == 0.01
+    assert promotion_settings(params, "price")["min_improvement"] == 2.5
+    legacy = {**REGISTRY_PARAMS, "promotion": {"min_improvement": 0.02}}
+    assert promotion_settings(legacy, "image")["min_improvement"] == 0.02
+    assert promotion_settings(legacy, "price")["min_improvement"] == 0.02
+
+
 def test_run_tags_outside_git_uses_content_hash(tmp_path):
     raw = tmp_path / "raw"
     (raw / "images").mkdir(parents=True)
