@@ -36,7 +36,9 @@ def assemble_task(models: dict[str, tuple[str, str, str]], settings: dict[str, A
 @task(name="build-bento", retries=1, retry_delay_seconds=5)
 def build_task(bundle_dir: str, settings: dict[str, Any]) -> dict[str, str]:
     """Retried once: `bentoml build` occasionally trips over a busy model store."""
-    model_tag = packaging.save_bundle_to_bentoml(bundle_dir, settings["serve"]["bundle_model"])
+    serve = settings["serve"]
+    packaging.check_bentofile(ROOT / "bentofile.yaml", serve["bento_name"], serve["bundle_model"])
+    model_tag = packaging.save_bundle_to_bentoml(bundle_dir, serve["bundle_model"])
     bento_tag = packaging.build_bento(ROOT, "bentofile.yaml")
     return {"bundle_model": model_tag, "bento": bento_tag}
 

@@ -283,6 +283,26 @@ def save_bundle_to_bentoml(
     return tag
 
 
+def check_bentofile(bentofile: str | Path, bento_name: str, bundle_model: str) -> None:
+    """Fail before building when bentofile.yaml and params.yaml `serve:` name different things.
+
+    `bentoml build` reads only the bentofile: with another `serve.bundle_model` it would pack
+    a stale bundle of the old name (or fail deep in BentoML), so say which keys disagree.
+    """
+    import yaml
+
+    path = Path(bentofile)
+    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    problems = []
+    if spec.get("name") != bento_name:
+        problems.append(f"name is {spec.get('name')!r} but params.yaml serve.bento_name is {bento_name!r}")
+    models = [m if isinstance(m, str) else (m or {}).get("tag", "") for m in spec.get("models") or []]
+    if not any(str(m).split(":", 1)[0] == bundle_model for m in models):
+        problems.append(f"models {models} do not include params.yaml serve.bundle_model {bundle_model!r}")
+    if problems:
+        raise BundleError(f"{path}: " + "; ".join(problems) + " (change one so they agree)")
+
+
 def build_bento(
     project_root: str | Path,
     bentofile: str = "bentofile.yaml",

@@ -607,3 +607,15 @@ def test_packaging_into_the_model_store_and_a_bento_that_serves(bundle_dir, tmp_
             pass
         log.close()
 
+
+
+def test_bentofile_agrees_with_params_and_a_mismatch_is_named(tmp_path) -> None:
+    from pipeline_steps.packaging import BundleError, check_bentofile
+
+    check_bentofile(PROJECT_ROOT / "bentofile.yaml", SERVE["bento_name"], SERVE["bundle_model"])  # the shipped pair agrees
+    with pytest.raises(BundleError, match="serve.bundle_model 'other-bundle'"):
+        check_bentofile(PROJECT_ROOT / "bentofile.yaml", SERVE["bento_name"], "other-bundle")
+    renamed = tmp_path / "bentofile.yaml"
+    renamed.write_text((PROJECT_ROOT / "bentofile.yaml").read_text().replace(f"name: {SERVE['bento_name']}", "name: elsewhere", 1))
+    with pytest.raises(BundleError, match="serve.bento_name"):
+        check_bentofile(renamed, SERVE["bento_name"], SERVE["bundle_model"])
