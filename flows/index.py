@@ -35,7 +35,7 @@ INDEX_KINDS = ("image", "text", "multimodal")
 
 
 def champions_dir(settings: dict[str, Any]) -> Path:
-    return path_of(settings, "index.dir").parent / "champions"
+    return path_of(settings, "index.champions_dir")
 
 
 @task(name="fetch-champion", retries=2, retry_delay_seconds=5)
@@ -104,7 +104,7 @@ def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any])
     index_dir = path_of(settings, "index.dir") / kind
     classifier = inference.load_classifier(model_dir, batch_size=int(settings["index"]["batch_size"]))
     data_key = fingerprint_paths([clean_dir / "products.parquet", clean_dir / "images.parquet"])
-    store = EmbeddingStore(path_of(settings, "index.dir").parent / "embeddings" / f"{kind}.parquet")
+    store = EmbeddingStore(path_of(settings, "index.embeddings_dir") / f"{kind}.parquet")
 
     def compute() -> tuple[np.ndarray, pd.DataFrame]:
         prediction = inference.predict_split(classifier, clean_dir, None)

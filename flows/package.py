@@ -23,7 +23,7 @@ MODEL_KINDS = ("image", "text", "multimodal", "price")
 @task(name="assemble-bundle")
 def assemble_task(models: dict[str, tuple[str, str, str]], settings: dict[str, Any]) -> str:
     index_root = path_of(settings, "index.dir")
-    bundle_dir = index_root.parent / "bundle"
+    bundle_dir = path_of(settings, "serve.bundle_dir")
     packaging.assemble_bundle(
         bundle_dir,
         models,
@@ -52,7 +52,7 @@ def package_flow(params: str | None = None, overrides: list[str] | None = None, 
     if build:
         result.update(build_task(bundle_dir, settings))
         print(f"built Bento {result['bento']} (bundle {result['bundle_model']}); serve it with `make serve`")
-    write_json(path_of(settings, "index.dir").parent / "package.json", result)
+    write_json(path_of(settings, "serve.package_file"), result)
     return result
 
 

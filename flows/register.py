@@ -116,7 +116,7 @@ def register_flow(params: str | None = None, overrides: list[str] | None = None,
     settings = load_params(params, overrides or [])
     require_choice(model, "--model", ("all", *MODELS))
     kinds = MODELS if model == "all" else (model,)
-    summary_path = path_of(settings, "train.models_dir").parent / "registry.json"
+    summary_path = path_of(settings, "registry.summary_file")
     decisions: dict[str, Any] = {}
     for kind in kinds:
         decisions[kind] = promote_task(kind, register_task(kind, settings), settings)

@@ -34,6 +34,11 @@ def path_overrides(work: Path, raw_dir: Path) -> list[str]:
         f"train.models_dir={work / 'artifacts' / 'models'}",
         f"train.checkpoints_dir={work / 'artifacts' / 'checkpoints'}",
         f"index.dir={work / 'artifacts' / 'index'}",
+        f"index.champions_dir={work / 'artifacts' / 'champions'}",
+        f"index.embeddings_dir={work / 'artifacts' / 'embeddings'}",
+        f"registry.summary_file={work / 'artifacts' / 'registry.json'}",
+        f"serve.bundle_dir={work / 'artifacts' / 'bundle'}",
+        f"serve.package_file={work / 'artifacts' / 'package.json'}",
     ]
 
 
