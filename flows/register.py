@@ -83,6 +83,12 @@ def register_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     metrics = {key: value for key, value in scored.items() if isinstance(value, (int, float))}
     name = registry.model_name(registry_params["model_prefix"], kind)
     promotion = registry.promotion_settings(registry_params, kind)
+    run_id = tracking.run_id_of(model_dir)
+    existing = registry.version_of_run(name, run_id) if run_id else None
+    if existing is not None:
+        # registering the same trained model twice would only add a duplicate version
+        print(f"{name}: the model of run {run_id} already is version {existing.version}")
+        return {"name": name, "version": str(existing.version), "split": split}
     with tracking.reopen_run(settings, model_dir) as run:
         info = log_model_dir(kind, model_dir, name="model")
         version = registry.register_model_version(

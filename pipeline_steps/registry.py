@@ -669,6 +669,12 @@ def champion_version(name: str, alias: str = "champion") -> tuple[str, str | Non
     return str(found.version), found.run_id or (found.tags or {}).get(RUN_ID_TAG)
 
 
+def version_of_run(name: str, run_id: str) -> ModelVersion | None:
+    """The newest version of `name` registered from `run_id`, if any (registering is then a no-op)."""
+    found = MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
 def alias_split(name: str, alias: str = "champion") -> tuple[str, str | None] | None:
     """(version, test_split_hash tag) of the version holding `alias`, or None when there is none."""
     found = _version_by_alias(MlflowClient(), name, alias)

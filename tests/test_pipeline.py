@@ -118,7 +118,10 @@ def test_a_retrained_model_is_not_registered_with_its_predecessors_metrics(pipel
         register_flow(overrides=overrides, model="text-baseline")
     assert len(client.search_model_versions(f"name='{NAMES['text-baseline']}'")) == versions_before
     evaluate_flow(overrides=overrides, model="text-baseline")
-    assert register_flow(overrides=overrides, model="text-baseline")["text-baseline"]["version"]
+    first = register_flow(overrides=overrides, model="text-baseline")["text-baseline"]["version"]
+    again = register_flow(overrides=overrides, model="text-baseline")["text-baseline"]["version"]
+    assert first == again  # the same trained model is not registered twice
+    assert len(client.search_model_versions(f"name='{NAMES['text-baseline']}'")) == versions_before + 1
 
 
 def test_a_champion_scored_on_another_split_is_rescored_before_the_comparison(pipeline_run: tuple[Path, list[str]]) -> None:
@@ -131,6 +134,8 @@ def test_a_champion_scored_on_another_split_is_rescored_before_the_comparison(pi
     client.set_model_version_tag(name, champion.version, "test_split_hash", "an-older-export")
     client.set_model_version_tag(name, champion.version, "metric.median_abs_error", "999999.0")
 
+    train_flow(overrides=overrides, model="price")  # a new version to compare with the champion
+    evaluate_flow(overrides=overrides, model="price")
     decision = register_flow(overrides=overrides, model="price")["price"]
 
     rescored = client.get_model_version(name, champion.version)
@@ -139,6 +144,7 @@ def test_a_champion_scored_on_another_split_is_rescored_before_the_comparison(pi
     assert float(rescored.tags["metric.median_abs_error"]) == pytest.approx(decision["champion_value"])
     assert decision["champion_value"] < 999999.0  # the champion's real error on this split, not the stale tag
     assert "not comparable" not in decision["reason"], decision["reason"]
+    assert decision["version"] != str(champion.version) and decision["champion_version"] == str(champion.version)
 
 
 def test_index_and_bundle_belong_to_the_champions(pipeline_run: tuple[Path, list[str]]) -> None:
