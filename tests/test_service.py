@@ -619,3 +619,23 @@ def test_bentofile_agrees_with_params_and_a_mismatch_is_named(tmp_path) -> None:
     renamed.write_text((PROJECT_ROOT / "bentofile.yaml").read_text().replace(f"name: {SERVE['bento_name']}", "name: elsewhere", 1))
     with pytest.raises(BundleError, match="serve.bento_name"):
         check_bentofile(renamed, SERVE["bento_name"], SERVE["bundle_model"])
+
+
+def test_bentofile_packs_only_project_code_even_with_the_store_inside_the_project(tmp_path) -> None:
+    """make demo keeps BENTOML_HOME in ./bentoml_home: an unanchored "params.yaml" pattern once
+    matched the copies inside earlier Bentos and `bentoml build` recursed into its own tmp dir."""
+    import yaml
+    from bentoml._internal.bento.build_config import BentoPathSpec
+
+    spec = yaml.safe_load((PROJECT_ROOT / "bentofile.yaml").read_text())
+    paths = BentoPathSpec(spec["include"], spec["exclude"], ctx_dir=str(tmp_path))
+    for packed in ("params.yaml", "service/service.py", "service/static/index.html", "pipeline_steps/models.py"):
+        assert paths.includes(packed), packed
+    for left_out in (
+        "bentoml_home/bentos/marketplace-search/abc/src/params.yaml",
+        "bentoml_home/tmp/bentoml_bento_x/src/service/service.py",
+        "service/devtools.py",
+        "artifacts/bundle/info.json",
+        "mlruns/mlflow.db",
+    ):
+        assert not paths.includes(left_out), left_out
