@@ -83,6 +83,7 @@ def register_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     metrics = {key: value for key, value in scored.items() if isinstance(value, (int, float))}
     name = registry.model_name(registry_params["model_prefix"], kind)
     promotion = registry.promotion_settings(registry_params, kind)
+    tracking.setup(settings)  # before any registry lookup: else MLflow's default store (./mlflow.db) answers
     run_id = tracking.run_id_of(model_dir)
     existing = registry.version_of_run(name, run_id) if run_id else None
     if existing is not None:
@@ -108,6 +109,7 @@ def register_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
 def promote_task(kind: str, registered: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """Retried: a locked SQLite store or a slow download is transient, and every step here is idempotent."""
     name, version = registered["name"], registered["version"]
+    tracking.setup(settings)
     promotion = registry.promotion_settings(settings["registry"], kind)
     note = rescore_champion(kind, name, registered["split"], existing_dir(settings, "data.clean_dir"), promotion["champion_alias"])
     if note:

@@ -124,6 +124,25 @@ def test_a_retrained_model_is_not_registered_with_its_predecessors_metrics(pipel
     assert len(client.search_model_versions(f"name='{NAMES['text-baseline']}'")) == versions_before + 1
 
 
+def test_register_uses_the_configured_store_when_no_uri_is_exported(
+    pipeline_run: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MLFLOW_TRACKING_URI unset, params.yaml's registry.tracking_uri is the store for every lookup
+    (a lookup before the store is configured once went to MLflow's default ./mlflow.db)."""
+    work, overrides = pipeline_run
+    store = os.environ["MLFLOW_TRACKING_URI"]
+    registered = register_flow(overrides=overrides, model="text-baseline")["text-baseline"]["version"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(None)
+    try:
+        again = register_flow(overrides=[*overrides, f"registry.tracking_uri={store}"], model="text-baseline")
+    finally:
+        mlflow.set_tracking_uri(store)
+    assert again["text-baseline"]["version"] == registered  # found in the configured store: not registered twice
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
 def test_a_champion_scored_on_another_split_is_rescored_before_the_comparison(pipeline_run: tuple[Path, list[str]]) -> None:
     """New data (another test split) must not freeze the champion: it is re-scored on the current split."""
     _, overrides = pipeline_run
