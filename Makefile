@@ -72,7 +72,7 @@ mlflow-ui: install
 
 ## Serve the promoted models and index (the Bento built by `make demo`).
 serve: install
-	$(BIN)/bentoml serve marketplace-search:latest --host 127.0.0.1 --port $(PORT)
+	$(BIN)/bentoml serve "$$($(BIN)/python -c 'from pipeline_steps.config import load_params; print(load_params()["serve"]["bento_name"])'):latest" --host 127.0.0.1 --port $(PORT)
 
 metrics: install
 	$(BIN)/dvc metrics show
