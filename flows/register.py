@@ -89,6 +89,8 @@ def register_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     if existing is not None:
         # registering the same trained model twice would only add a duplicate version
         print(f"{name}: the model of run {run_id} already is version {existing.version}")
+        if (existing.tags or {}).get(registry.SPLIT_HASH_TAG) != split:  # evaluated again on new data
+            registry.record_rescore(name, existing.version, metrics, split)
         return {"name": name, "version": str(existing.version), "split": split}
     with tracking.reopen_run(settings, model_dir) as run:
         info = log_model_dir(kind, model_dir, name="model")

@@ -25,6 +25,7 @@ from flows.package import package_flow
 from flows.pipeline import pipeline_flow
 from flows.register import register_flow
 from flows.train import train_flow
+from pipeline_steps import registry
 from pipeline_steps.errors import PipelineError
 from pipeline_steps.index import SimilarityIndex
 from pipeline_steps.packaging import read_bundle_info
@@ -133,6 +134,8 @@ def test_register_uses_the_configured_store_when_no_uri_is_exported(
     store = os.environ["MLFLOW_TRACKING_URI"]
     registered = register_flow(overrides=overrides, model="text-baseline")["text-baseline"]["version"]
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # configure_tracking remembers which URI it set itself; keep that memory to this test
+    monkeypatch.setattr(registry, "_SET_BY_US", {})
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(None)
     try:
@@ -180,3 +183,18 @@ def test_index_and_bundle_belong_to_the_champions(pipeline_run: tuple[Path, list
     packaged = package_flow(overrides=overrides, build=False)
     info = read_bundle_info(packaged["bundle_dir"])
     assert set(info["models"]) >= {"image", "text", "multimodal", "price"}
+
+
+def test_a_model_evaluated_again_on_new_rows_gets_its_version_retagged(pipeline_run: tuple[Path, list[str]]) -> None:
+    """Same trained run, new evaluation: no new version, but its tags follow the rows now scored."""
+    _, overrides = pipeline_run
+    client = MlflowClient()
+    name = NAMES["pixel-baseline"]
+    evaluate_flow(overrides=overrides, model="pixel-baseline")  # an earlier test retrained the baselines
+    version = register_flow(overrides=overrides, model="pixel-baseline")["pixel-baseline"]["version"]
+    current = client.get_model_version(name, version).tags["test_split_hash"]
+    client.set_model_version_tag(name, version, "test_split_hash", "rows-of-an-older-evaluation")
+    again = register_flow(overrides=overrides, model="pixel-baseline")["pixel-baseline"]["version"]
+    assert again == version
+    tags = client.get_model_version(name, version).tags
+    assert tags["test_split_hash"] == current and tags["registered_test_split_hash"] == "rows-of-an-older-evaluation"
