@@ -28,7 +28,7 @@ from pipeline_steps.mlflow_models import find_model_dir, log_model_dir
 MODELS = ("text-baseline", "pixel-baseline", "price", "image", "text", "multimodal")
 
 
-def checked_split_hash(kind: str, model_dir: Path, metrics_file: Path, metrics: dict[str, Any]) -> str:
+def checked_split_hash(kind: str, model_dir: Path, trained_in: str | None, metrics_file: Path, metrics: dict[str, Any]) -> str:
     """The test-split hash of `metrics_file`, once it is clear those numbers score this very model.
 
     evaluate writes the training run of the model it scored and a hash of the rows it scored;
@@ -39,7 +39,6 @@ def checked_split_hash(kind: str, model_dir: Path, metrics_file: Path, metrics: 
     again = f"run `python -m flows.evaluate --model {kind}` (or `dvc repro evaluate`) first"
     if not scored_run or not split:
         raise PipelineError(f"{metrics_file} does not say which model and test rows it scored (an older evaluate wrote it): {again}")
-    trained_in = tracking.run_id_of(model_dir)
     if scored_run != trained_in:
         raise PipelineError(
             f"{metrics_file} scores the {kind} model of run {scored_run}, but {model_dir} was trained in run {trained_in}: {again}"
@@ -78,13 +77,13 @@ def register_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file} is missing: evaluate '{kind}' before registering it")
     scored = read_json(metrics_file)
-    split = checked_split_hash(kind, model_dir, metrics_file, scored)
+    run_id = tracking.run_id_of(model_dir)
+    split = checked_split_hash(kind, model_dir, run_id, metrics_file, scored)
     # The headline numbers become version tags; the per-class report stays in the run.
     metrics = {key: value for key, value in scored.items() if isinstance(value, (int, float))}
     name = registry.model_name(registry_params["model_prefix"], kind)
     promotion = registry.promotion_settings(registry_params, kind)
     tracking.setup(settings)  # before any registry lookup: else MLflow's default store (./mlflow.db) answers
-    run_id = tracking.run_id_of(model_dir)
     existing = registry.version_of_run(name, run_id) if run_id else None
     if existing is not None:
         # registering the same trained model twice would only add a duplicate version

@@ -383,16 +383,13 @@ def is_price_kind(kind: str) -> bool:
 def promotion_settings(registry_params: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """The promote() keyword arguments for a model kind, from params.yaml `registry:`."""
     promotion = registry_params.get("promotion") or {}
-    # one margin per metric: accuracy is a fraction, the price error is in pounds
     family = "price" if is_price_kind(kind) else "classifier"
-    if family == "price":
-        metric, higher = promotion.get("price_metric", "median_abs_error"), False
-    else:
-        metric, higher = promotion.get("classifier_metric", "accuracy"), True
+    metric = promotion.get(f"{family}_metric", "median_abs_error" if family == "price" else "accuracy")
+    # one margin per metric: accuracy is a fraction, the price error is in pounds
     margin = promotion.get(f"{family}_min_improvement", promotion.get("min_improvement", 0.0))
     return {
         "metric": str(metric),
-        "higher_is_better": higher,
+        "higher_is_better": family != "price",
         "min_improvement": float(margin or 0.0),
         "champion_alias": str(registry_params.get("champion_alias", "champion")),
         "challenger_alias": str(registry_params.get("challenger_alias", "challenger")),
