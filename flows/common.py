@@ -147,12 +147,22 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_cli(flow_fn: Callable[..., Any], parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> Any:
-    """Parse arguments and call the flow, turning user errors into a one-line message."""
+    """Parse arguments and call the flow, turning user errors into a one-line message.
+
+    A PipelineError (data or configuration) ends the process with `error: <message>` on
+    stderr and its exit code (65 data, 78 config, 69 other; flows/cli_errors.py), without a
+    traceback from us or from Prefect's loggers; the Prefect run is still marked Failed with
+    the message. MARKETPLACE_DEBUG=1 keeps the tracebacks. Anything else is a bug: traceback.
+    """
+    from flows.cli_errors import debug_enabled, fail, quiet_project_tracebacks
     from pipeline_steps.errors import PipelineError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = vars(parser.parse_args(argv))
     try:
-        return flow_fn(**args)
+        with quiet_project_tracebacks():
+            return flow_fn(**args)
     except PipelineError as error:
-        raise SystemExit(f"error: {error}") from error
+        if debug_enabled():
+            raise
+        raise fail(error) from None

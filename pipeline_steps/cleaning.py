@@ -67,6 +67,7 @@ _PRICE_RE = re.compile(r"^(?:Â)?£?\s*(?P<number>\d{1,3}(?:,\d{3})+|\d+)(?P<dec
 # " | in Wokingham, Berkshire | Gumtree" (also a bare " | Gumtree"), at the very end of a name.
 _GUMTREE_SUFFIX_RE = re.compile(r"(?:\s*\|\s*in\s[^|]*)?\s*\|\s*Gumtree\s*$", re.IGNORECASE)
 _WHITESPACE_RE = re.compile(r"\s+")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 # An image id becomes a file name: one path component, never "." or ".." (same rule as validation).
 _SAFE_ID_RE = re.compile(r"^(?!\.\.?$)[^/\\\x00]+$")
 
@@ -98,7 +99,10 @@ def normalise_whitespace(value: Any) -> str:
     """
     if _is_missing(value):
         return ""
-    return _WHITESPACE_RE.sub(" ", str(value).replace("\r", " ")).strip()
+    text = _WHITESPACE_RE.sub(" ", str(value).replace("\r", " "))
+    # Validation strips or rejects control characters (validation.text); a validated layer made
+    # by an older run may still hold some, and no model or page should ever see them.
+    return _CONTROL_RE.sub("", text).strip()
 
 
 def _is_missing(value: Any) -> bool:

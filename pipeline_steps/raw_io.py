@@ -13,9 +13,11 @@ Nothing in this module ever writes to the raw export.
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,21 @@ SOURCE_ROW = "source_row"
 
 UTF8_BOM = b"\xef\xbb\xbf"
 MAX_EXAMPLES = 5
+# Longest first: the UTF-32-LE BOM starts with the UTF-16-LE one.
+BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (UTF8_BOM, "utf-8-sig"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+ENCODING_NAMES = {
+    "utf-8": "UTF-8", "utf-8-sig": "UTF-8 (with BOM)", "utf-16": "UTF-16", "utf-32": "UTF-32",
+    "utf-16-le": "UTF-16-LE (no BOM)", "utf-16-be": "UTF-16-BE (no BOM)", "cp1252": "cp1252 (Windows-1252)",
+    "latin-1": "Latin-1",
+}
+DELIMITERS = (",", ";", "\t", "|")
+DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
 
 
 @dataclass(frozen=True)
@@ -90,8 +107,23 @@ def read_raw_csv(path: str | Path, spec: CsvSpec, warnings: list[str] | None = N
     raw = _read_bytes(path, spec)
     encoding = detect_encoding(raw)
     if encoding not in ("utf-8", "utf-8-sig"):
-        collected.append(f"{spec.file_name} at {path} is not valid UTF-8; read it as {encoding}")
-    frame = _parse_csv(raw.decode(encoding), path, spec)
+        collected.append(f"{spec.file_name} at {path} is not valid UTF-8; read it as {ENCODING_NAMES.get(encoding, encoding)}")
+    text = _decode(raw, encoding, path, spec)
+    n_bad = sum(1 for char in text if "\udc80" <= char <= "\udcff") if encoding.startswith("utf-8") else 0
+    if n_bad:
+        # The parser (and every UTF-8 output) cannot hold lone surrogates: each undecodable byte
+        # becomes U+FFFD, which the validation.text.invalid_unicode rule strips or rejects per row.
+        text = re.sub("[\udc80-\udcff]", "\ufffd", text)
+        collected.append(
+            f"{spec.file_name} at {path} is UTF-8 with {n_bad} undecodable byte(s); the rows holding them "
+            "follow validation.text.invalid_unicode"
+        )
+    delimiter = detect_delimiter(text, spec)
+    if delimiter != ",":
+        collected.append(
+            f"{spec.file_name} at {path} is {DELIMITER_NAMES.get(delimiter, repr(delimiter))}-delimited; read it that way"
+        )
+    frame = _parse_csv(text, path, spec, delimiter=delimiter, encoding=encoding)
     frame = _strip_carriage_returns(frame)
     frame = _drop_index_column(frame)
     _check_required_columns(frame, path, spec)
@@ -105,25 +137,109 @@ def read_raw_csv(path: str | Path, spec: CsvSpec, warnings: list[str] | None = N
         warnings.extend(collected)
     frame.attrs["warnings"] = list(collected)
     frame.attrs["encoding"] = encoding
+    frame.attrs["delimiter"] = delimiter
     frame.attrs["source_file"] = spec.file_name
     return frame
 
 
 def detect_encoding(raw: bytes) -> str:
-    """Pick the codec of a CSV: UTF-8 (with or without BOM), else cp1252, else Latin-1.
+    """Pick the codec of a CSV: a byte-order mark first (UTF-32, UTF-8, UTF-16), then UTF-8, cp1252, Latin-1.
 
-    Spreadsheet exports on Windows are the usual source of cp1252; Latin-1 is
-    the last resort because it decodes any byte sequence.
+    Spreadsheet exports on Windows are the usual source of cp1252 (and of UTF-16 with a BOM,
+    "Unicode text"); Latin-1 is the last resort because it decodes any byte sequence. UTF-16
+    without a BOM is recognised by its NUL bytes and read only when every byte decodes.
     """
-    if raw.startswith(UTF8_BOM):
-        return "utf-8-sig"
-    for encoding in ("utf-8", "cp1252"):
+    for bom, encoding in BOMS:
+        if raw.startswith(bom):
+            return encoding
+    bomless = _bomless_utf16(raw)
+    if bomless is not None:
+        return bomless
+    try:
+        raw.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    if _mostly_utf8(raw):
+        return "utf-8"  # a few undecodable bytes: kept as invalid Unicode, which validation.text rules handle per row
+    try:
+        raw.decode("cp1252")
+        return "cp1252"
+    except UnicodeDecodeError:
+        return "latin-1"
+
+
+def _mostly_utf8(raw: bytes) -> bool:
+    """UTF-8 with a few broken bytes (a truncated emoji, one bad paste), not a cp1252 file.
+
+    A cp1252 export has (almost) no valid multi-byte UTF-8 sequence; a UTF-8 one has far more
+    of them than broken bytes. Reading the first as cp1252 turns every '£' into 'Â£' file-wide.
+    """
+    text = raw.decode("utf-8", "surrogateescape")
+    bad = sum(1 for char in text if "\udc80" <= char <= "\udcff")
+    good = sum(1 for char in text if char > "\x7f" and not "\udc80" <= char <= "\udcff")
+    return good > bad
+
+
+def detect_delimiter(text: str, spec: CsvSpec) -> str:
+    """The field delimiter: the candidate whose header row names the most required columns.
+
+    Comma wins ties (it is the contract's delimiter). When no candidate finds even one
+    required column, csv.Sniffer's guess on the first lines is used; the missing-column
+    error then says which delimiter the file was read with.
+    """
+    lines = text.lstrip("\ufeff").splitlines()
+    header = next((line for line in lines if line.strip()), "")
+    best, best_hits = ",", -1
+    for candidate in DELIMITERS:
         try:
-            raw.decode(encoding)
-        except UnicodeDecodeError:
+            names = next(csv.reader([header], delimiter=candidate))
+        except (csv.Error, StopIteration):
             continue
-        return encoding
-    return "latin-1"
+        hits = len({name.strip() for name in names} & set(spec.required))
+        if hits > best_hits:
+            best, best_hits = candidate, hits
+    if best_hits > 0:
+        return best
+    try:
+        return csv.Sniffer().sniff("\n".join(lines[:20])[:65536], delimiters="".join(DELIMITERS)).delimiter
+    except csv.Error:
+        return ","
+
+
+def describe_format(encoding: str, delimiter: str) -> str:
+    """'UTF-8, comma-delimited': how a CSV was read, for messages and metrics."""
+    return f"{ENCODING_NAMES.get(encoding, encoding)}, {DELIMITER_NAMES.get(delimiter, repr(delimiter))}-delimited"
+
+
+def _bomless_utf16(raw: bytes) -> str | None:
+    """'utf-16-le'/'utf-16-be' when the bytes look like UTF-16 without a BOM, else None.
+
+    ASCII text in UTF-16 has a NUL in every other byte; a run of NUL bytes inside a UTF-8
+    field does not make that pattern over the whole sample.
+    """
+    sample = raw[:8192]
+    if len(sample) < 4:
+        return None
+    sample = sample[: len(sample) - len(sample) % 2]
+    even, odd = sample[0::2], sample[1::2]
+    n = len(even)
+    for zeros, data, encoding in ((odd, even, "utf-16-le"), (even, odd, "utf-16-be")):
+        if zeros.count(0) > 0.6 * n and data.count(0) < 0.1 * n:
+            return encoding
+    return None
+
+
+def _decode(raw: bytes, encoding: str, path: Path, spec: CsvSpec) -> str:
+    """Decode with the detected codec; a BOM-less UTF-16 file that does not decode is a clear error."""
+    errors = "surrogateescape" if encoding in ("utf-8", "utf-8-sig") else "strict"
+    try:
+        return raw.decode(encoding, errors)
+    except UnicodeDecodeError as exc:
+        raise DataValidationError(
+            f"{spec.file_name} at {path} looks like {ENCODING_NAMES.get(encoding, encoding)} but does not decode "
+            f"as it ({exc.reason} at byte {exc.start}); re-save it as UTF-8 (\"CSV UTF-8\" in a spreadsheet)"
+        ) from exc
 
 
 def require_images_dir(raw_dir: str | Path) -> Path:
@@ -175,11 +291,13 @@ def _read_bytes(path: Path, spec: CsvSpec) -> bytes:
     return raw
 
 
-def _parse_csv(text: str, path: Path, spec: CsvSpec) -> pd.DataFrame:
+def _parse_csv(text: str, path: Path, spec: CsvSpec, delimiter: str = ",", encoding: str = "utf-8") -> pd.DataFrame:
     """Parse with lineterminator='\\n' so a stray '\\r' in a description never splits a row."""
+    how = describe_format(encoding, delimiter)
     try:
         frame = pd.read_csv(
             io.StringIO(text),
+            sep=delimiter,
             lineterminator="\n",
             dtype=str,
             keep_default_na=False,
@@ -188,12 +306,30 @@ def _parse_csv(text: str, path: Path, spec: CsvSpec) -> pd.DataFrame:
     except pd.errors.EmptyDataError as exc:
         raise DataValidationError(f"{spec.file_name} at {path} has no header row ({exc})") from exc
     except pd.errors.ParserError as exc:
-        raise DataValidationError(f"{spec.file_name} at {path} is not a well-formed CSV: {exc}") from exc
+        raise DataValidationError(
+            f"{spec.file_name} at {path} is not a well-formed CSV (read as {how}): {str(exc).strip()}. "
+            f"{_parse_hint(text, delimiter)}"
+        ) from exc
     if frame.empty:
         raise DataValidationError(
             f"{spec.file_name} at {path} has a header ({format_examples(list(frame.columns))}) but no data rows"
         )
+    frame.attrs["read_as"] = how
     return frame
+
+
+def _parse_hint(text: str, delimiter: str) -> str:
+    """The likely cause of a tokenizing error, so the user looks at the right thing."""
+    header = text.lstrip("\ufeff").split("\n", 1)[0]
+    if "\x00" in header:
+        return ("The header holds NUL bytes: the file looks like UTF-16/UTF-32 without a byte-order mark; "
+                "re-save it as UTF-8.")
+    others = [d for d in DELIMITERS if d != delimiter and header.count(d) > header.count(delimiter)]
+    if others:
+        return (f"The header looks {DELIMITER_NAMES[others[0]]}-delimited but the rows do not split consistently; "
+                "re-export with comma delimiters and quoted fields.")
+    return ("A row has more fields than the header: a field holding the delimiter or a quote is not quoted; "
+            "re-export with every text field quoted.")
 
 
 def _strip_carriage_returns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -223,11 +359,14 @@ def _check_required_columns(frame: pd.DataFrame, path: Path, spec: CsvSpec) -> N
     for column in missing:
         if column.lower() in lowered:
             hints.append(f"'{lowered[column.lower()]}' looks like '{column}' with different case")
+    if len(present) <= 2 and sum(name in present[-1] for name in spec.required) >= 2:
+        hints.append("the header did not split into columns: check the delimiter")
     hint = f" ({'; '.join(hints)})" if hints else ""
     noun = "column" if len(missing) == 1 else "columns"
+    read_as = f" (read as {frame.attrs['read_as']})" if frame.attrs.get("read_as") else ""
     raise DataValidationError(
         f"{spec.file_name} at {path} is missing required {noun} {format_examples(missing)}; "
-        f"found columns {format_examples(present, limit=20)}{hint}"
+        f"found columns {format_examples(present, limit=20)}{hint}{read_as}"
     )
 
 

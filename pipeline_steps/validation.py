@@ -51,6 +51,17 @@ from PIL import Image, ImageFile, UnidentifiedImageError  # noqa: E402
 
 from pipeline_steps import io_utils  # noqa: E402
 from pipeline_steps.errors import ConfigError, DataValidationError, RejectThresholdExceeded  # noqa: E402
+from pipeline_steps.text_hygiene import (  # noqa: E402
+    PRODUCT_TEXT_COLUMNS,
+    TextRule,
+    TextRules,
+    apply_fixes,
+    gx_view,
+    replace_surrogates,
+    rules_for,
+    shown_value,
+    text_rules,
+)
 from pipeline_steps.raw_io import (  # noqa: E402
     IMAGES_DIR,
     IMAGES_FILE,
@@ -74,11 +85,13 @@ CATEGORY_REGEX = r"^[^/\s](?:[^/]*[^/\s])?(?: / [^/\s](?:[^/]*[^/\s])?)*$"
 LOCATION_REGEX = r"^\s*[^,\s][^,]*(?:,\s*[^,\s][^,]*)*$"
 TOWN_COUNTY_REGEX = r"^[^,]*[^,\s], [^,\s][^,]*$"
 # An image id becomes a file name: one path component, never "." or "..".
-SAFE_ID_REGEX = r"^(?!\.\.?$)[^/\\]+$"
+SAFE_ID_REGEX = r"^(?!\.\.?$)[^/\\\x00-\x1f\x7f]+$"
+MAX_FILE_NAME_CHARS = 200  # ids longer than this cannot name a file on common filesystems
 EXPECTED_IMAGE_FORMAT = "JPEG"
 SPLITS = ("train", "val", "test")
 
 REJECT_COLUMNS = ["source_file", "source_row", "record_id", "column", "reason", "value"]
+TEXT_RULE_SUFFIXES = ("_control_chars", "_invalid_unicode", "_invisible_in_names", "_too_long")
 ORPHAN_COLUMNS = ["file_name"]
 DATA_DOCS_SITE = "pipeline_site"
 REJECT = FailureSeverity.CRITICAL
@@ -263,9 +276,28 @@ def product_checks(params: Mapping[str, Any]) -> list[Check]:
     ]
 
 
-def image_row_checks(product_ids: Sequence[str]) -> list[Check]:
+def text_checks(rules: Sequence[TextRule]) -> list[Check]:
+    """Text hygiene as GX expectations: regexes for characters, value lengths for limits.
+
+    A rule that fixes (strip, truncate) is a warning-level expectation: the row is kept,
+    counted in the metrics and shown in Data Docs; a rejecting rule quarantines the row.
+    """
+    checks = []
+    for rule in rules:
+        severity = REJECT if rule.reject else WARN
+        if rule.rule == "too_long":
+            checks.append(_check(rule.check_id, rule.column, gxe.ExpectColumnValueLengthsToBeBetween, rule.reason,
+                                 severity=severity, max_value=rule.max_chars))
+        else:
+            checks.append(_check(rule.check_id, rule.column, gxe.ExpectColumnValuesToNotMatchRegex, rule.reason,
+                                 severity=severity, regex=rule.regex))
+    return checks
+
+
+def image_row_checks(product_ids: Sequence[str], rules: TextRules | None = None) -> list[Check]:
     """Images.csv rules: usable ids, and every image belongs to a product of Products.csv."""
-    return [
+    hygiene = text_checks(rules_for(["id", "product_id"], rules)) if rules is not None else []
+    return [*hygiene,
         _check("id_missing", "id", gxe.ExpectColumnValuesToNotBeNull, "id is empty"),
         _check("id_duplicate", "id", gxe.ExpectColumnValuesToBeUnique, "id {value!r} appears more than once"),
         _check(
@@ -275,7 +307,8 @@ def image_row_checks(product_ids: Sequence[str]) -> list[Check]:
         _check("product_id_missing", "product_id", gxe.ExpectColumnValuesToNotBeNull, "product_id is empty"),
         _check(
             "product_id_unknown", "product_id", gxe.ExpectColumnValuesToBeInSet,
-            "product_id {value!r} is not an id in Products.csv", value_set=sorted(set(product_ids)),
+            "product_id {value!r} is not an id in Products.csv",
+            value_set=sorted({replace_surrogates(product_id) for product_id in product_ids}),
         ),
     ]
 
@@ -353,7 +386,7 @@ def inspect_image_file(path: Path, max_image_pixels: int) -> dict[str, Any]:
     facts = {**NO_FACTS, "exists": False}
     try:
         stat = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
+    except (OSError, ValueError):  # missing, not a folder on the way, name too long, NUL byte
         return facts
     if not path.is_file():
         return facts
@@ -379,7 +412,8 @@ def inspect_image_file(path: Path, max_image_pixels: int) -> dict[str, Any]:
 def scan_image_files(images: pd.DataFrame, images_dir: Path, max_image_pixels: int) -> pd.DataFrame:
     """One row of file facts per Images.csv row (same index), ready for the GX file suite."""
     rows = []
-    safe = images["id"].str.fullmatch(SAFE_ID_REGEX) & (images["id"].str.strip() != "")
+    safe = (images["id"].str.fullmatch(SAFE_ID_REGEX) & (images["id"].str.strip() != "")
+            & (images["id"].str.len() <= MAX_FILE_NAME_CHARS))
     with pil_safety(max_image_pixels):
         for image_id, is_safe in zip(images["id"], safe, strict=True):
             name = image_file_name(image_id)
@@ -449,7 +483,7 @@ def _reject_record(
     params: Mapping[str, Any],
     id_column: str,
 ) -> dict[str, Any]:
-    record = {key: _printable(value) for key, value in frame.loc[row].items()}
+    record = {key: shown_value(_printable(value)) for key, value in frame.loc[row].items()}
     value = record.get(check.value_column or check.column, "")
     try:
         reason = check.reason.format_map(_FormatDict({**params, **record, "value": value}))
@@ -554,7 +588,7 @@ def validate_raw(
         error = RejectThresholdExceeded(exceeded)
         error.metrics = metrics  # type: ignore[attr-defined]
         raise error
-    io_utils.write_parquet(products.drop(index=list(product_result.rejects)), out_dir / "products.parquet")
+    io_utils.write_parquet(product_result.frame.drop(index=list(product_result.rejects)), out_dir / "products.parquet")
     io_utils.write_parquet(_accepted_images(images, image_result), out_dir / "images.parquet")
     metrics["duration_s"] = round(time.perf_counter() - started, 2)
     return metrics
@@ -569,16 +603,28 @@ class TableOutcome:
     warning_counts: dict[str, int]
     suites: dict[str, bool]
     file_facts: pd.DataFrame | None = None
+    frame: pd.DataFrame | None = None  # the rows after the text-hygiene fixes
+    text_fixes: dict[str, int] = field(default_factory=dict)
 
 
 def _validate_products(runner: GxRunner, products: pd.DataFrame, params: Mapping[str, Any]) -> TableOutcome:
-    checks = product_checks(params)
-    view = blank_to_none(products, [c.column for c in checks])
-    suite = runner.run("products_csv", view, checks)
+    """Text hygiene first (its fixes are what the other checks and the outputs see), then the row rules."""
+    rules = rules_for([c for c in ("id", *PRODUCT_TEXT_COLUMNS, "price") if c in products.columns], params["text"])
+    hygiene = text_checks(rules)
+    text_suite = runner.run("products_text", gx_view(products, [rule.column for rule in rules]), hygiene)
     rejects: dict[Any, dict[str, Any]] = {}
-    warned = rows_to_rejects(PRODUCTS_FILE, products, suite, checks, params, "id", rejects)
-    messages, counts = warnings_from_rows(PRODUCTS_FILE, products, warned, checks, params, "id", rejects)
-    return TableOutcome(rejects, messages, counts, {suite.name: suite.success})
+    text_warned = rows_to_rejects(PRODUCTS_FILE, products, text_suite, hygiene, params, "id", rejects)
+    fixed, fixes = apply_fixes(products, rules, skip=list(rejects))
+    fixed.attrs = dict(products.attrs)
+
+    checks = product_checks(params)
+    suite = runner.run("products_csv", gx_view(fixed, [c.column for c in checks]), checks)
+    warned = rows_to_rejects(PRODUCTS_FILE, fixed, suite, checks, params, "id", rejects)
+    text_messages, text_counts = warnings_from_rows(PRODUCTS_FILE, products, text_warned, hygiene, params, "id", rejects)
+    messages, counts = warnings_from_rows(PRODUCTS_FILE, fixed, warned, checks, params, "id", rejects)
+    suites = {text_suite.name: text_suite.success, suite.name: suite.success}
+    return TableOutcome(rejects, text_messages + messages, {**text_counts, **counts}, suites,
+                        frame=fixed, text_fixes={f"products.{key}": n for key, n in fixes.items()})
 
 
 def _validate_images(
@@ -591,8 +637,8 @@ def _validate_images(
 ) -> TableOutcome:
     """Images.csv rows, then their files, then the product cascade: first reason wins."""
     rejects: dict[Any, dict[str, Any]] = {}
-    row_checks = image_row_checks(products["id"].tolist())
-    row_suite = runner.run("images_csv", blank_to_none(images, ["id", "product_id"]), row_checks)
+    row_checks = image_row_checks(products["id"].tolist(), params["text"])
+    row_suite = runner.run("images_csv", gx_view(images, ["id", "product_id"]), row_checks)
     warned = rows_to_rejects(IMAGES_FILE, images, row_suite, row_checks, params, "id", rejects)
 
     facts = scan_image_files(images, images_dir, params["max_image_pixels"])
@@ -650,7 +696,8 @@ def _accepted_images(images: pd.DataFrame, outcome: TableOutcome) -> pd.DataFram
 
 def _rejects_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(list(records), columns=[*REJECT_COLUMNS, "check_id"])
-    frame["value"] = frame["value"].map(lambda value: "" if value is None else str(value))
+    frame["value"] = frame["value"].map(lambda value: "" if value is None else str(shown_value(value, cut=False)))
+    frame["record_id"] = frame["record_id"].map(lambda value: shown_value(value, cut=False))
     return frame.sort_values(["source_file", "source_row"], kind="stable").reset_index(drop=True)
 
 
@@ -683,6 +730,7 @@ def _metrics(
             f"{format_examples(orphans['file_name'].tolist(), 3)}; listed in orphans.csv"
         )
     kept_products = products.drop(index=list(product_result.rejects))
+    text_rejects = {key: n for key, n in by_reason.items() if key.split(".", 1)[1].endswith(TEXT_RULE_SUFFIXES)}
     kept_images = images.drop(index=list(image_result.rejects))
     warning_counts = {**product_result.warning_counts, **image_result.warning_counts}
     return {
@@ -702,10 +750,16 @@ def _metrics(
         "products_without_images": int((~kept_products["id"].isin(kept_images["product_id"])).sum()),
         "rejects_by_reason": by_reason,
         "warning_counts": warning_counts,
+        # text hygiene (validation.text): values fixed (stripped/truncated) and rows rejected, per check
+        "text_fixes": dict(sorted(product_result.text_fixes.items())),
+        "text_fixes_total": int(sum(product_result.text_fixes.values())),
+        "text_rejects": text_rejects,
+        "text_rejects_total": int(sum(text_rejects.values())),
         "warnings": warnings_list,
         "n_warnings": len(warnings_list),
         "suites_passed": {**product_result.suites, **image_result.suites},
         "encodings": {PRODUCTS_FILE: products.attrs.get("encoding"), IMAGES_FILE: images.attrs.get("encoding")},
+        "delimiters": {PRODUCTS_FILE: products.attrs.get("delimiter"), IMAGES_FILE: images.attrs.get("delimiter")},
         "data_docs_index": str(data_docs_index),
     }
 
@@ -761,6 +815,7 @@ def check_validation_params(validation_params: Mapping[str, Any]) -> dict[str, A
     if params["min_image_side"] > params["max_image_side"]:
         raise ConfigError("params.yaml: validation.min_image_side is larger than validation.max_image_side")
     params["allowed_image_modes"] = [str(mode) for mode in params["allowed_image_modes"]]
+    params["text"] = text_rules(params.get("text"))
     return params
 
 

@@ -51,19 +51,31 @@ class Limits:
     max_k: int = 50
     max_image_bytes: int = 10_000_000
     max_image_pixels: int = 40_000_000
-    max_text_chars: int = 5000
+    # The hard limit against abuse (413): far above any real listing (real name + description:
+    # at most ~9,900 characters). Text up to it is accepted and cut to model_text_chars.
+    max_text_chars: int = 100_000
+    # What the models read: longer text is cut to this, and the response says so (text_truncated).
+    # The sentence encoder reads 128 tokens; the TF-IDF branch reads what training saw (names up to
+    # validation.text.max_chars.product_name, descriptions up to ...product_description).
+    model_text_chars: int = 20_000
 
     @classmethod
     def from_params(cls, serve: Mapping[str, Any] | None) -> Limits:
         serve = serve or {}
         values = {}
-        for name in ("max_k", "max_image_bytes", "max_image_pixels", "max_text_chars"):
+        for name in ("max_k", "max_image_bytes", "max_image_pixels", "max_text_chars", "model_text_chars"):
             if name in serve and serve[name] is not None:
                 value = serve[name]
                 if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                     raise ValueError(f"params.yaml key 'serve.{name}' must be a positive integer, got {value!r}")
                 values[name] = value
-        return cls(**values)
+        limits = cls(**values)
+        if "model_text_chars" in values and limits.model_text_chars > limits.max_text_chars:
+            raise ValueError(
+                f"params.yaml key 'serve.model_text_chars' ({limits.model_text_chars}) must not exceed "
+                f"'serve.max_text_chars' ({limits.max_text_chars})"
+            )
+        return limits
 
 
 def check_text(text: Any, limits: Limits) -> str | None:
@@ -80,6 +92,26 @@ def check_text(text: Any, limits: Limits) -> str | None:
         )
     stripped = text.strip()
     return stripped or None
+
+
+def fit_text(text: str | None, limits: Limits) -> tuple[str | None, dict[str, Any] | None]:
+    """Cut text the models do not read; return it with a note for the response (None when uncut).
+
+    A real listing is never refused for its length: check_text refuses only text beyond the hard
+    limit (serve.max_text_chars); between the two limits the text is accepted, cut to
+    serve.model_text_chars, and the response reports `text_truncated`.
+    """
+    limit = min(limits.model_text_chars, limits.max_text_chars)
+    if text is None or len(text) <= limit:
+        return text, None
+    kept = text[:limit].rstrip()
+    return kept, {
+        "original_chars": len(text),
+        "used_chars": len(kept),
+        "limit": limit,
+        "note": f"the text was cut to its first {limit:,} characters (serve.model_text_chars): "
+                "the models read no further",
+    }
 
 
 def check_k(k: Any, limits: Limits) -> int:

@@ -34,7 +34,7 @@ from pydantic import Field
 
 from pipeline_steps.config import load_params
 from service.engine import MarketplaceEngine, MicroBatcher, preflight_bundle
-from service.request_validation import Limits, RequestError, check_text, decode_image
+from service.request_validation import Limits, RequestError, check_text, decode_image, fit_text
 
 logger = logging.getLogger("bentoml.marketplace")
 
@@ -206,14 +206,23 @@ class MarketplaceSearch:
 
     async def _inputs(
         self, image: typing.Optional[Path], text: typing.Optional[str]
-    ) -> typing.Tuple[typing.Optional[Image.Image], typing.Optional[str], str]:
-        """Validate outside the batch: text first (cheap), then the photo in a worker thread."""
-        clean_text = check_text(text, LIMITS)
+    ) -> typing.Tuple[typing.Optional[Image.Image], typing.Optional[str], str, typing.Optional[JSONDict]]:
+        """Validate outside the batch: text first (cheap), then the photo in a worker thread.
+
+        The last item reports text cut to serve.model_text_chars (None when it was not cut).
+        """
+        clean_text, cut = fit_text(check_text(text, LIMITS), LIMITS)
         photo = None
         if image is not None:
             photo = await asyncio.to_thread(decode_image, image, LIMITS)
         kind = self.engine.kind_for(photo is not None, clean_text is not None)
-        return photo, clean_text, kind
+        return photo, clean_text, kind, cut
+
+    @staticmethod
+    def _noted(result: JSONDict, cut: typing.Optional[JSONDict]) -> JSONDict:
+        if cut is not None:
+            result["text_truncated"] = cut
+        return result
 
     @staticmethod
     def _refuse(ctx: bentoml.Context, error: RequestError) -> JSONDict:
@@ -237,11 +246,11 @@ class MarketplaceSearch:
         plus "price_estimate" (GBP) and "price_model" when text is given.
         """
         try:
-            photo, clean_text, kind = await self._inputs(image, text)
+            photo, clean_text, kind, cut = await self._inputs(image, text)
         except RequestError as error:
             return self._refuse(ctx, error)
         result = await self.batchers[("predict", kind)].submit((photo, clean_text))
-        return self.engine.format_prediction(kind, result, with_price=clean_text is not None)
+        return self._noted(self.engine.format_prediction(kind, result, with_price=clean_text is not None), cut)
 
     @bentoml.api
     async def embed(
@@ -253,11 +262,11 @@ class MarketplaceSearch:
     ) -> JSONDict:
         """The model's embedding of a photo and/or text: {"embedding": [...], "dim", "model"} (not normalised)."""
         try:
-            photo, clean_text, kind = await self._inputs(image, text)
+            photo, clean_text, kind, cut = await self._inputs(image, text)
         except RequestError as error:
             return self._refuse(ctx, error)
         vector = await self.batchers[("embed", kind)].submit((photo, clean_text))
-        return self.engine.format_embedding(kind, vector)
+        return self._noted(self.engine.format_embedding(kind, vector), cut)
 
     @bentoml.api
     async def search(
@@ -277,12 +286,12 @@ class MarketplaceSearch:
         "category","thumbnail_url"}], "model", "index", "category", "k"}.
         """
         try:
-            photo, clean_text, kind = await self._inputs(image, text)
+            photo, clean_text, kind, cut = await self._inputs(image, text)
             k, category = self.engine.check_search(kind, k, category)
         except RequestError as error:
             return self._refuse(ctx, error)
         vector = await self.batchers[("embed", kind)].submit((photo, clean_text))
-        return await asyncio.to_thread(self.engine.search_vector, kind, vector, k, category)
+        return self._noted(await asyncio.to_thread(self.engine.search_vector, kind, vector, k, category), cut)
 
     @bentoml.api
     async def metadata(self) -> JSONDict:

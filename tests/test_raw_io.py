@@ -223,3 +223,87 @@ def test_real_products_csv_reads_every_row() -> None:
     assert len(products) == 4300
     assert len(images) == 7597
     assert products["source_row"].tolist() == list(range(4300))
+
+
+# --------------------------------------------------------------------------- encodings and delimiters (issue 12)
+
+ROWS = [ROW_A, ROW_B]
+
+
+def _export(tmp_path: Path, text: str, encoding: str) -> Path:
+    path = tmp_path / "Products.csv"
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-16-le", "utf-16-be", "utf-8-sig"])
+def test_utf16_and_utf32_exports_are_read_and_say_how(tmp_path: Path, encoding: str) -> None:
+    """A UTF-16 Products.csv used to stop with 'Expected 14 fields in line 45, saw 27'."""
+    warnings: list[str] = []
+    frame = read_products_csv(_export(tmp_path, "\n".join([HEADER, *ROWS]) + "\n", encoding), warnings)
+    assert frame["id"].tolist() == ["p1", "p2"]
+    assert frame["price"].tolist() == ["£120.00", "£1,250.00"]
+    assert frame.attrs["encoding"] == encoding
+    if encoding != "utf-8-sig":
+        assert any("read it as UTF-" in message for message in warnings)
+
+
+@pytest.mark.parametrize("delimiter, name", [(";", "semicolon"), ("\t", "tab"), ("|", "pipe")])
+def test_other_delimiters_are_detected_and_reported(tmp_path: Path, delimiter: str, name: str) -> None:
+    """A semicolon-delimited Products.csv used to stop with 'Expected 8 fields in line 35'."""
+    import csv as csv_module
+    import io
+
+    buffer = io.StringIO()
+    writer = csv_module.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    for line in [HEADER, *ROWS]:
+        writer.writerow(next(csv_module.reader([line])))
+    warnings: list[str] = []
+    frame = read_products_csv(_export(tmp_path, buffer.getvalue(), "utf-8"), warnings)
+    assert frame["location"].tolist() == ["Leeds, West Yorkshire", "Bath, Somerset"]
+    assert frame.attrs["delimiter"] == delimiter
+    assert any(f"is {name}-delimited" in message for message in warnings)
+
+
+def test_broken_semicolon_file_names_the_delimiter_and_the_fix(tmp_path: Path) -> None:
+    lines = [HEADER.replace(",", ";"), "0;p1;Sofa;Home;Comfy;£1.00;Leeds", "1;p2;Desk;Home;a;b;c;£2.00;York"]
+    with pytest.raises(DataValidationError) as info:
+        read_products_csv(_export(tmp_path, "\n".join(lines) + "\n", "utf-8"))
+    message = str(info.value)
+    assert "read as UTF-8, semicolon-delimited" in message
+    assert "re-export with every text field quoted" in message
+    assert "\n" not in message
+
+
+def test_undecodable_bomless_utf16_says_so(tmp_path: Path) -> None:
+    data = "\n".join([HEADER, *ROWS]).encode("utf-16-le") + b"\x00\xd8"  # a lone high surrogate at the end
+    path = tmp_path / "Products.csv"
+    path.write_bytes(data)
+    with pytest.raises(DataValidationError, match=r"looks like UTF-16-LE \(no BOM\) .* re-save it as UTF-8"):
+        read_products_csv(path)
+
+
+def test_header_that_does_not_split_names_the_delimiter(tmp_path: Path) -> None:
+    header = HEADER.replace(",", ":")
+    with pytest.raises(DataValidationError, match=r"check the delimiter.*read as UTF-8, comma-delimited"):
+        read_products_csv(_export(tmp_path, header + "\n0:p1:a:b:c:d:e\n", "utf-8"))
+
+
+def test_mostly_utf8_with_a_broken_byte_stays_utf8(tmp_path: Path) -> None:
+    """One bad byte must not turn every '£' of the file into 'Â£' (a whole-file cp1252 read)."""
+    text = "\n".join([HEADER, *ROWS]) + "\n"
+    data = text.encode("utf-8").replace(b"Comfy sofa", b"Comfy \xff sofa")
+    path = tmp_path / "Products.csv"
+    path.write_bytes(data)
+    warnings: list[str] = []
+    frame = read_products_csv(path, warnings)
+    assert frame["price"].tolist() == ["£120.00", "£1,250.00"]
+    assert frame.loc[0, "product_description"] == "Comfy \ufffd sofa"
+    assert any("1 undecodable byte" in message for message in warnings)
+
+
+def test_nul_bytes_inside_a_utf8_field_are_not_mistaken_for_utf16(tmp_path: Path) -> None:
+    row = ROW_A.replace("Comfy sofa", "Comfy" + "\x00" * 40 + "sofa")
+    frame = read_products_csv(_export(tmp_path, "\n".join([HEADER, row, ROW_B]) + "\n", "utf-8"))
+    assert frame.attrs["encoding"] == "utf-8"
+    assert frame.loc[0, "product_description"] == "Comfy" + "\x00" * 40 + "sofa"
