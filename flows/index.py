@@ -9,7 +9,6 @@ can find "the index that belongs to the champion".
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,44 +19,18 @@ from mlflow import MlflowClient
 from prefect import flow, task
 
 from flows import tracking
+from flows.champions import fetch_champion_task
 from flows.common import base_parser, fingerprint_paths, load_params, path_of, run_cli
 from pipeline_steps import inference, registry, retrieval
 from pipeline_steps.config import existing_dir, require_choice
 from pipeline_steps.embeddings import CacheKey, EmbeddingStore
 from pipeline_steps.evaluation import write_metrics_json
 from pipeline_steps.index import IndexSettings, SimilarityIndex
-from pipeline_steps.io_utils import atomic_dir, read_json, write_text
-from pipeline_steps.mlflow_models import find_model_dir
+from pipeline_steps.io_utils import read_json
 from pipeline_steps.visualise import save_neighbour_grid
 
 KINDS = ("image", "text", "multimodal", "price")
 INDEX_KINDS = ("image", "text", "multimodal")
-
-
-def champions_dir(settings: dict[str, Any]) -> Path:
-    return path_of(settings, "index.champions_dir")
-
-
-@task(name="fetch-champion", retries=2, retry_delay_seconds=5)
-def fetch_champion_task(kind: str, settings: dict[str, Any]) -> tuple[str, str, str]:
-    """Download the champion's model directory once per version (retried: store I/O)."""
-    tracking.setup(settings)
-    registry_params = settings["registry"]
-    name = registry.model_name(registry_params["model_prefix"], kind)
-    found = registry.champion_version(name, registry_params["champion_alias"])
-    if found is None:
-        raise LookupError(f"{name} has no '{registry_params['champion_alias']}' version: run the register stage first")
-    version = str(found[0])
-    target = champions_dir(settings) / kind
-    marker = target / "registered_version.txt"
-    if marker.is_file() and marker.read_text().strip() == f"{name}:{version}":
-        return str(target / "model"), name, version
-    with atomic_dir(target) as tmp:
-        downloaded = registry.download_champion(name, registry_params["champion_alias"], tmp / "download")
-        shutil.copytree(find_model_dir(downloaded), tmp / "model")
-        shutil.rmtree(tmp / "download")
-        write_text(tmp / "registered_version.txt", f"{name}:{version}\n")
-    return str(target / "model"), name, version
 
 
 def _retrieval_metrics(built: SimilarityIndex, vectors: np.ndarray, ids: pd.DataFrame, settings: dict[str, Any]) -> dict[str, float]:
@@ -107,7 +80,9 @@ def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any])
     store = EmbeddingStore(path_of(settings, "index.embeddings_dir") / f"{kind}.parquet")
 
     def compute() -> tuple[np.ndarray, pd.DataFrame]:
-        prediction = inference.predict_split(classifier, clean_dir, None)
+        # photos' backbone features from the image model's frozen-feature cache when it holds them
+        # (keyed by backbone weights + preprocessing + photo bytes, so a fine-tuned backbone never matches)
+        prediction = inference.predict_split(classifier, clean_dir, None, feature_cache_dir=path_of(settings, "train.image.features_dir"))
         return prediction.embeddings, prediction.ids
 
     stored, reused = store.get_or_compute(CacheKey(name, version, data_key), compute)

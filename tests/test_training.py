@@ -120,7 +120,9 @@ def test_image_classifier_trains_saves_and_reports_each_epoch(towers: dict[str, 
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"} <= set(result.history[0])
     assert _model_files(result.model_dir) == {"config.json", "model.pt", "history.json"}
     config = json.loads((result.model_dir / "config.json").read_text())
-    assert config["kind"] == "image" and len(config["classes"]) == 13 and config["embedding_dim"] == 16
+    assert config["kind"] == "image" and len(config["classes"]) == 13 and config["architecture"]["embedding_dim"] == 16
+    # the search embedding (what embed() returns) is the one that won on val: the head's 16-d or the backbone's 512-d
+    assert config["embedding_dim"] == config["search_embedding"]["dim"] == {"head": 16, "backbone": 512}[config["search_embedding"]["vector"]]
     assert config["architecture"]["backbone"] == "resnet18" and config["preprocessing"]["image"]["input_size"] == 32
     assert config["params"]["lr"] == 0.003 and config["training"]["best_epoch"] == result.best_epoch
     with torch.no_grad():
