@@ -98,9 +98,12 @@ def build_module(config: dict[str, Any], model_dir: str | Path) -> LoadedModel:
     image_tower = _image_module(architecture["image_tower"], n_classes)
     tower_architecture = {key: value for key, value in architecture["text_tower"].items() if key != "wide"}
     text_tower, tokenizer = _text_module(tower_architecture, n_classes, model_dir / tower_architecture.get("encoder_dir", "encoder"))
-    fusion = models.build_fusion_head(architecture, image_tower.embedding_dim, text_tower.embedding_dim, n_classes)
+    image_input = architecture.get("image_input", "head")
+    fusion = models.build_fusion_head(architecture, models.image_input_dim(image_tower, image_input), text_tower.embedding_dim, n_classes)
     wide_layer = models.WideLinear(wide_features, n_classes) if wide_features else None
-    module = models.MultimodalClassifier(image_tower, text_tower, fusion, architecture.get("image_pooling", "mean"), wide=wide_layer)
+    module = models.MultimodalClassifier(
+        image_tower, text_tower, fusion, architecture.get("image_pooling", "mean"), wide=wide_layer, image_input=image_input
+    )
     return LoadedModel(module, config, tokenizer, preprocessor, wide)
 
 

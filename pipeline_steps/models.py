@@ -783,6 +783,12 @@ def add_wide_logits(logits: torch.Tensor, wide: WideLinear | None, wide_inputs: 
 # --------------------------------------------------------------------------- multimodal
 
 IMAGE_POOLING = ("mean", "max")
+IMAGE_INPUTS = ("backbone", "head")
+
+
+def image_input_dim(image_tower: ImageClassifier, image_input: str) -> int:
+    """Width of the per-photo vector the fusion head sees (`train.multimodal.image_input`)."""
+    return image_tower.feature_dim if image_input == "backbone" else image_tower.embedding_dim
 
 
 class FusionHead(nn.Module):
@@ -889,6 +895,7 @@ class MultimodalClassifier(nn.Module):
         fusion: FusionHead,
         image_pooling: str = "mean",
         wide: WideLinear | None = None,
+        image_input: str = "head",
     ) -> None:
         super().__init__()
         self.image_tower = image_tower
@@ -896,7 +903,17 @@ class MultimodalClassifier(nn.Module):
         self.fusion = fusion
         self.wide = wide
         self.image_pooling = image_pooling
+        self.image_input = require_choice(image_input, "train.multimodal.image_input", IMAGE_INPUTS)
         self.embedding_dim = fusion.embedding_dim
+
+    @property
+    def image_dim(self) -> int:
+        return image_input_dim(self.image_tower, self.image_input)
+
+    def photo_vectors(self, features: torch.Tensor) -> torch.Tensor:
+        """What the fusion sees of one photo: the pretrained pooled backbone features ("backbone")
+        or the image model's penultimate layer ("head")."""
+        return features.float() if self.image_input == "backbone" else self.image_tower.embed_features(features.float()).float()
 
     def tower_embeddings(
         self,
@@ -910,12 +927,12 @@ class MultimodalClassifier(nn.Module):
         """`image_features`: the photos' backbone features, when already computed (then `pixels` is unused)."""
         n = input_ids.shape[0]
         if image_features is not None and image_features.shape[0]:
-            vectors = self.image_tower.embed_features(image_features.float()).float()
-            image_emb, image_present = pool_per_owner(vectors, image_owner, n, self.image_pooling)
+            image_emb, image_present = pool_per_owner(self.photo_vectors(image_features), image_owner, n, self.image_pooling)
         elif pixels.shape[0]:
-            image_emb, image_present = pool_per_owner(self.image_tower.embed(pixels).float(), image_owner, n, self.image_pooling)
+            vectors = self.photo_vectors(self.image_tower.backbone(pixels))
+            image_emb, image_present = pool_per_owner(vectors, image_owner, n, self.image_pooling)
         else:
-            image_emb = torch.zeros((n, self.image_tower.embedding_dim), device=input_ids.device)
+            image_emb = torch.zeros((n, self.image_dim), device=input_ids.device)
             image_present = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
         text_emb = self.text_tower.embed(input_ids, attention_mask).float()
         return image_emb, image_present, text_emb, text_present.bool()

@@ -941,6 +941,7 @@ def product_image_embeddings(
     batch_size: int = 64,
     progress: bool = True,
     feature_cache_dir: Path | None = None,
+    image_input: str = "head",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled image-tower embedding per product (n, d) + whether it has any photo (n,).
 
@@ -953,7 +954,13 @@ def product_image_embeddings(
         image_tower.backbone_name, image_tower.backbone, preprocessor, [path for _, path in flat],
         cache_dir=feature_cache_dir, device=device, batch_size=batch_size, progress=progress, write=False,
     )
-    vectors = image_tower.embed_features(features.to(device)).float().cpu() if flat else torch.zeros((0, image_tower.embedding_dim))
+    dim = models.image_input_dim(image_tower, image_input)
+    if not flat:
+        vectors = torch.zeros((0, dim))
+    elif image_input == "backbone":
+        vectors = features.float()
+    else:
+        vectors = image_tower.embed_features(features.to(device)).float().cpu()
     owner = torch.tensor([row for row, _ in flat], dtype=torch.long)
     return models.pool_per_owner(vectors, owner, len(paths_per_product), pooling)
 
@@ -979,6 +986,7 @@ def train_multimodal_classifier(
 
     params = model_params(train_params, "multimodal")
     pooling = require_choice(params.get("image_pooling", "mean"), "train.multimodal.image_pooling", models.IMAGE_POOLING)
+    image_input = require_choice(params.get("image_input", "head"), "train.multimodal.image_input", models.IMAGE_INPUTS)
     fine_tune = bool(params.get("fine_tune_towers", False))
     lr, weight_decay = _number(params, "lr", "multimodal"), _number(params, "weight_decay", "multimodal", default=0.0)
     tower_lr = _number(params, "tower_lr", "multimodal", default=1e-4) if fine_tune else 0.0
@@ -1000,11 +1008,11 @@ def train_multimodal_classifier(
 
     seed_everything(settings.seed)
     with deterministic(settings.num_threads):
-        fusion = models.build_fusion_head(params, image_tower.embedding_dim, text_tower.embedding_dim, len(data.classes))
+        fusion = models.build_fusion_head(params, models.image_input_dim(image_tower, image_input), text_tower.embedding_dim, len(data.classes))
         splits = {s: data.products_of(s) for s in ("train", "val")}
         featurizer, wide, wide_source = _multimodal_wide(params, use_wide, wide_opt, text_loaded, splits["train"]["text"].tolist(), len(data.classes))
         text_tower.wide = None  # the multimodal model adds its own wide logits (`model.wide`), not the tower's
-        model = models.MultimodalClassifier(image_tower, text_tower, fusion, pooling, wide=wide)
+        model = models.MultimodalClassifier(image_tower, text_tower, fusion, pooling, wide=wide, image_input=image_input)
         wide_groups = (
             [{"params": list(wide.parameters()), "lr": wide_opt["lr"], "weight_decay": wide_opt["weight_decay"]}] if wide is not None and wide_opt else []
         )
@@ -1037,7 +1045,7 @@ def train_multimodal_classifier(
             for split, frame in splits.items():
                 image_emb, image_present = product_image_embeddings(
                     image_tower, preprocessor, [by_product.get(p, []) for p in frame["product_id"]], settings.device, pooling,
-                    progress=progress, feature_cache_dir=image_features_dir(model_params(train_params, "image")),
+                    progress=progress, feature_cache_dir=image_features_dir(model_params(train_params, "image")), image_input=image_input,
                 )
                 text_emb = cached_text_embeddings(
                     _embedding_cache_dir(params), identity, text_tower.encoder, tokenizer, frame["text"].tolist(), max_length, settings.device, progress
@@ -1061,12 +1069,13 @@ def train_multimodal_classifier(
             "architecture": {
                 "type": "MultimodalClassifier",
                 "image_pooling": pooling,
+                "image_input": image_input,
                 "hidden_dim": fusion.embedding_dim,
                 "dropout": float(params.get("dropout", 0.2)),
                 "modality_dropout": fusion.modality_dropout,
                 "towers_fine_tuned": fine_tune,
                 "n_classes": len(data.classes),
-                "image_dim": image_tower.embedding_dim,
+                "image_dim": models.image_input_dim(image_tower, image_input),
                 "text_dim": text_tower.embedding_dim,
                 "embedding": "ReLU(Linear([LayerNorm(image), LayerNorm(text)])): the fused hidden layer",
                 "image_tower": image_loaded.config["architecture"],

@@ -223,3 +223,28 @@ def test_odd_photos_are_converted_not_crashed(image: Image.Image) -> None:
     pixels = preprocessor(image)
     assert pixels.shape == (3, 32, 32) and torch.isfinite(pixels).all()
     assert pixels.min() >= -1.0 - 1e-5 and pixels.max() <= 1.0 + 1e-5
+
+
+@pytest.mark.parametrize("image_input", ["backbone", "head"])
+def test_multimodal_fuses_the_pretrained_image_vector_and_answers_without_a_photo(
+    tiny: tuple[Path, dict[str, Any]], tmp_path: Path, image_input: str
+) -> None:
+    clean, params = tiny
+    params = copy.deepcopy(params)
+    params["train"]["image"].update(mode="frozen", features_dir=str(tmp_path / "features"))
+    params["train"]["multimodal"].update(image_input=image_input, epochs=1)
+    models_dir = tmp_path / "models"
+    training.train_image_classifier(clean, params["train"], models_dir / "image", progress=False)
+    training.train_text_classifier(clean, params["train"], models_dir / "text", progress=False)
+    result = training.train_multimodal_classifier(clean, params["train"], models_dir / "image", models_dir / "text", models_dir / "multimodal", progress=False)
+    architecture = result.config["architecture"]
+    assert architecture["image_input"] == image_input
+    assert architecture["image_dim"] == (1280 if image_input == "backbone" else architecture["image_tower"]["embedding_dim"])
+    classifier = inference.load_classifier(models_dir / "multimodal", device="cpu")
+    photo = Image.new("RGB", (30, 20), (0, 90, 200))
+    proba = classifier.predict_proba([photo, None, [photo, photo]], [None, "a red bike", "a red bike"])
+    assert proba.shape == (3, 3) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+    # the index path (features from the cache) gives the same vectors as running the photos
+    direct = inference.predict_split(classifier, clean, "test", progress=False)
+    cached = inference.predict_split(classifier, clean, "test", progress=False, feature_cache_dir=tmp_path / "features")
+    np.testing.assert_allclose(direct.embeddings, cached.embeddings, atol=1e-4)
