@@ -37,6 +37,7 @@ RUNTIME_PACKAGES = (
     "mlflow", "cloudpickle", "torch", "torchvision", "transformers", "tokenizers", "safetensors",
     "numpy", "pandas", "pillow", "pyyaml", "tqdm",
     "scikit-learn", "joblib", "scipy",  # the wide branch's TF-IDF vectoriser (tfidf.joblib)
+    "efficientnet-lite-pytorch",  # the EfficientNet-Lite image tower's architecture (its weights are in model.pt)
 )
 PACKAGE_DIR = Path(__file__).resolve().parent
 
