@@ -3,6 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Commands that are not the project's own modules get the project's environment from this.
+WITH_ENV := $(BIN)/python -m pipeline_steps.runtime_env --
+# ... and commands that run flows get one Prefect API for all of them (started and stopped
+# around the command unless PREFECT_API_URL already names a running server).
+WITH_PREFECT := $(BIN)/python -m flows.prefect_server --
 PORT ?= 3000
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
@@ -11,19 +16,15 @@ MLFLOW_PORT ?= 5000
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
-# Everything runs offline and keeps its state inside the project.
-export PREFECT_HOME := $(CURDIR)/.prefect
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export MLFLOW_DISABLE_TELEMETRY := true
-export BENTOML_DO_NOT_TRACK := true
+# Everything keeps its state inside the project. The offline switches and Prefect's settings
+# are applied by the Python entry points themselves, before Prefect/MLflow/BentoML are
+# imported (pipeline_steps/runtime_env.py), so `dvc repro` or a flow run by hand gets them too.
 export BENTOML_HOME := $(CURDIR)/bentoml_home
-export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
+# Stages to run (default: all); e.g. `make demo TARGETS=clean` stops after the clean stage.
+TARGETS ?=
 
-.PHONY: install demo sample pipeline test test-fast browser-deps prefect-server prefect-deploy mlflow-ui serve build metrics bench clean-outputs
+.PHONY: install demo repro sample pipeline test test-fast browser-deps prefect-server prefect-deploy mlflow-ui serve build metrics bench clean-outputs
 
 install: $(VENV)/.installed
 
@@ -33,10 +34,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[cpu,dev]"
 	touch $@
 
-## The demo: generate the sample export, version it with DVC, run every stage.
-demo: install sample
-	$(BIN)/dvc repro
+## The demo: generate the sample export, version it with DVC, run every stage against
+## one Prefect server (started for the run and stopped after it, unless PREFECT_API_URL
+## already names one): the stage runs show in its UI.
+demo: install
+	$(WITH_PREFECT) $(MAKE) --no-print-directory sample repro
 	$(BIN)/dvc metrics show
+
+## `dvc repro` with one Prefect API for every stage (flows/prefect_server.py).
+repro: install
+	$(WITH_PREFECT) $(BIN)/dvc repro $(TARGETS)
 
 ## Generate the deterministic sample into data/raw and record it with DVC.
 sample: install
@@ -45,7 +52,7 @@ sample: install
 
 ## The whole pipeline as one Prefect flow run (same code as `dvc repro`).
 pipeline: install
-	$(BIN)/python -m flows.pipeline
+	$(WITH_PREFECT) $(BIN)/python -m flows.pipeline
 
 test: install browser-deps
 	$(BIN)/pytest
@@ -61,18 +68,18 @@ browser-deps:
 
 ## Prefect UI on http://127.0.0.1:$(PREFECT_PORT); then `make prefect-deploy` in another shell.
 prefect-server: install
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(WITH_ENV) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 ## Serve the pipeline as a deployment so it can be triggered from the Prefect UI.
 prefect-deploy: install
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.deploy
 
 mlflow-ui: install
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+	$(WITH_ENV) $(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 ## Serve the promoted models and index (the Bento built by `make demo`).
 serve: install
-	$(BIN)/bentoml serve "$$($(BIN)/python -c 'from pipeline_steps.config import load_params; print(load_params()["serve"]["bento_name"])'):latest" --host 127.0.0.1 --port $(PORT)
+	$(WITH_ENV) $(BIN)/bentoml serve "$$($(BIN)/python -c 'from pipeline_steps.config import load_params; print(load_params()["serve"]["bento_name"])'):latest" --host 127.0.0.1 --port $(PORT)
 
 metrics: install
 	$(BIN)/dvc metrics show

@@ -13,6 +13,10 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,23 +25,6 @@ from prefect.cache_policies import CacheKeyFnPolicy, TASK_SOURCE
 
 from pipeline_steps import config
 from pipeline_steps.io_utils import write_json
-
-OFFLINE_ENV = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "GX_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    # A loaded 2-core machine can take longer than Prefect's default 20 s to start
-    # the temporary local API that serverless flow runs use.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
-    "PREFECT_HOME": str(config.PROJECT_ROOT / ".prefect"),
-}
-for _key, _value in OFFLINE_ENV.items():
-    os.environ.setdefault(_key, _value)
 
 ROOT = config.PROJECT_ROOT
 STAMP_NAME = "_stage_stamp.json"
@@ -146,6 +133,64 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit code of a stage stopped by Ctrl-C or SIGTERM (the shell's 128 + SIGINT).
+EXIT_STOPPED = 130
+#: Seconds a stopped stage may spend unwinding (Prefect marks its runs Crashed, its temporary
+#: API shuts down) before the process exits regardless.
+STOP_DEADLINE_S = 8.0
+
+
+def install_stop_handlers(deadline_s: float = STOP_DEADLINE_S) -> None:
+    """Make SIGTERM stop a stage the way Ctrl-C does, within `deadline_s` seconds.
+
+    Python's default SIGTERM ends the process at once, skipping `finally` blocks and
+    atexit: the temporary Prefect API a serverless run started was left running, orphaned.
+    Here SIGTERM raises KeyboardInterrupt instead, so Prefect marks the run Crashed and
+    stops its temporary server; a watchdog exits the process if unwinding hangs (e.g. on
+    an API that went away), and a second signal kills it at once.
+    """
+
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        watchdog = threading.Timer(deadline_s, os._exit, args=(128 + signum,))
+        watchdog.daemon = True
+        watchdog.start()
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+
+def stop_with_parent(poll_s: float = 0.5) -> None:
+    """Stop this stage (as SIGTERM would) when the process that started it goes away.
+
+    `dvc repro` dies on SIGTERM without passing it to the running stage, which then went
+    on alone, with its temporary Prefect API. Only used under dvc (DVC_STAGE is set): a
+    stage started by hand with `nohup` keeps running when its shell exits.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+
+
+def check_prefect_api() -> None:
+    """With PREFECT_API_URL set, fail within seconds (naming it) when nothing answers there.
+
+    Prefect's own client would retry for minutes before the flow's first task.
+    """
+    api_url = os.environ.get("PREFECT_API_URL")
+    if api_url:
+        from flows.prefect_server import require_api
+
+        require_api(api_url)
+
+
 def run_cli(flow_fn: Callable[..., Any], parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> Any:
     """Parse arguments and call the flow, turning user errors into a one-line message.
 
@@ -159,10 +204,21 @@ def run_cli(flow_fn: Callable[..., Any], parser: argparse.ArgumentParser, argv: 
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = vars(parser.parse_args(argv))
+    install_stop_handlers()
+    stage = os.environ.get("DVC_STAGE")
+    if stage:
+        stop_with_parent()
+        # The Prefect UI lists the run under the DVC stage's name (train_image, not "train").
+        flow_fn = flow_fn.with_options(flow_run_name=stage.replace("{", "(").replace("}", ")"))
     try:
+        check_prefect_api()
         with quiet_project_tracebacks():
             return flow_fn(**args)
     except PipelineError as error:
         if debug_enabled():
             raise
         raise fail(error) from None
+    except KeyboardInterrupt as stop:
+        # Outputs are written atomically, so nothing half-written is left: `dvc repro` redoes the stage.
+        print(f"stopped ({stop or 'interrupted'}); run the stage again to finish it", file=sys.stderr)
+        raise SystemExit(EXIT_STOPPED) from None

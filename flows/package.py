@@ -11,8 +11,8 @@ from typing import Any
 
 from prefect import flow, task
 
+from flows.champions import fetch_champion_task
 from flows.common import ROOT, base_parser, load_params, path_of, run_cli
-from flows.index import fetch_champion_task
 from pipeline_steps import packaging
 from pipeline_steps.config import existing_dir
 from pipeline_steps.io_utils import write_json

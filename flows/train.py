@@ -14,7 +14,7 @@ from prefect import flow, task
 
 from flows import tracking
 from flows.common import base_parser, load_params, path_of, run_cli
-from pipeline_steps import baselines, training
+from pipeline_steps import baselines
 from pipeline_steps.config import existing_dir, require_choice
 
 NEURAL = ("image", "text", "multimodal")
@@ -27,6 +27,9 @@ def _shared_train_params(settings: dict[str, Any]) -> dict[str, Any]:
 
 @task(name="train-neural-model", retries=0)
 def train_neural_task(kind: str, settings: dict[str, Any], resume: bool) -> str:
+    # Imported here: the train_baselines and train_price stages never pay for torch.
+    from pipeline_steps import training
+
     clean_dir = existing_dir(settings, "data.clean_dir")
     models_dir = path_of(settings, "train.models_dir")
     out_dir = models_dir / kind

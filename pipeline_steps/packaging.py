@@ -32,6 +32,7 @@ from PIL import Image
 
 from pipeline_steps.errors import PipelineError
 from pipeline_steps.io_utils import atomic_dir, read_json, write_json
+from pipeline_steps.runtime_env import OFFLINE_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +43,6 @@ LISTING_COLUMNS = ("product_id", "image_id", "product_name", "price", "location"
 DEFAULT_THUMBNAIL_SIZE = 160
 THUMBNAIL_QUALITY = 80
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")  # image ids that are safe as file names
-
-# Environment for child `bentoml` processes: offline, no telemetry, nothing from the hub.
-OFFLINE_ENV = {
-    "BENTOML_DO_NOT_TRACK": "true",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-}
-
 
 class BundleError(PipelineError):
     """The inputs of a bundle are missing or inconsistent (e.g. index built from another model version)."""
@@ -324,7 +315,7 @@ def build_bento(
     cmd = [sys.executable, "-m", "bentoml", "build", str(project_root), "-f", str(bentofile_path), "--output", "tag"]
     if version:
         cmd += ["--version", version]
-    env = {**os.environ, **OFFLINE_ENV}
+    env = {**os.environ, **OFFLINE_ENV}  # child `bentoml`: offline, no telemetry
     env.setdefault("PYTHONPATH", str(project_root))
     try:
         proc = subprocess.run(

@@ -13,9 +13,11 @@ atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
 
 # Prefect's temporary API logs "Stopping temporary server" after pytest has closed its streams.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-from flows.common import OFFLINE_ENV  # noqa: E402  (applies the pipeline's offline settings)
+# The project's process environment, before any test module imports Prefect, MLflow or BentoML
+# (they read their settings at import: tests/test_runtime_env.py checks that this holds).
+from pipeline_steps import runtime_env  # noqa: E402
 
-assert OFFLINE_ENV  # the import above is for its side effect
+runtime_env.apply()
 
 # Stores live in the session's temporary folder, whatever the shell (or the Makefile) points at:
 # a test must never register versions in a user's MLflow server or fill their BentoML store.

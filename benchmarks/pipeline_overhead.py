@@ -1,0 +1,146 @@
+"""How much of the demo pipeline's time is orchestration, stage by stage.
+
+Runs the demo the way `make demo` does (after the install): generate the sample, `dvc add`
+it, then `dvc repro --force` against one Prefect server started by flows/prefect_server.py.
+For each DVC stage it reports the wall time (from dvc's "Running stage" line to the next
+one) beside the flow's own work (the Prefect flow run's start → end, read back from the
+server's API), then repeats `dvc repro` with nothing changed (the README's `make repro`).
+
+    .venv/bin/python benchmarks/pipeline_overhead.py --out benchmarks/results/pipeline_overhead.json
+
+Overhead = pipeline wall time − the flows' own work: process start-up, imports, the
+Prefect server's start, dvc's hashing and bookkeeping between stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flows import prefect_server  # noqa: E402  (applies the project's environment first)
+
+STAGE_LINE = re.compile(r"Running stage '([^']+)'")
+
+
+def run_timed(cmd: list[str], env: dict[str, str], label: str | None = None) -> tuple[float, list[tuple[str, float]]]:
+    """Run `cmd`, echoing its output; returns its wall time and (stage, wall-clock start) marks.
+
+    A command given a `label` is one mark itself; `dvc repro` gets one per "Running stage" line.
+    """
+    started = time.monotonic()
+    marks: list[tuple[str, float]] = [(label, time.time())] if label else []
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        match = STAGE_LINE.search(line)
+        if match:
+            marks.append((match.group(1), time.time()))
+    code = proc.wait()
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {code}")
+    return time.monotonic() - started, marks
+
+
+def flow_runs_since(api_url: str, since: datetime) -> list[dict]:
+    """Top-level flow runs that started after `since`, oldest first (Prefect REST API)."""
+    body = {
+        "flow_runs": {"start_time": {"after_": since.isoformat()}, "parent_task_run_id": {"is_null_": True}},
+        "sort": "START_TIME_ASC",
+        "limit": 200,
+    }
+    request = urllib.request.Request(
+        api_url.rstrip("/") + "/flow_runs/filter", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _parse(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline_overhead.json")
+    parser.add_argument("--skip-sample", action="store_true", help="reuse data/raw as it is")
+    args = parser.parse_args()
+
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    os.environ.pop("PREFECT_API_URL", None)
+    bin_dir = Path(sys.executable).parent
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    py = sys.executable
+    report: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}, "started": datetime.now(timezone.utc).isoformat()}
+
+    since = datetime.now(timezone.utc)
+    t_server = time.monotonic()
+    marks: list[tuple[str, float]] = []
+    with prefect_server.prefect_api() as server_env:
+        server_start_s = time.monotonic() - t_server
+        run_env = {**env, **{k: v for k, v in server_env.items() if k.startswith("PREFECT")}}
+        if not args.skip_sample:
+            marks += run_timed([py, "-m", "flows.generate_sample"], run_env, label="generate_sample")[1]
+            marks += run_timed([str(bin_dir / "dvc"), "add", "-q", "data/raw"], run_env, label="dvc add data/raw")[1]
+        repro_s, repro_marks = run_timed([str(bin_dir / "dvc"), "repro", "--force"], run_env)
+        marks += repro_marks
+        t_end = time.time()
+        runs = flow_runs_since(server_env["PREFECT_API_URL"], since)
+    pipeline_wall = time.monotonic() - t_server
+
+    # Stage wall time: from its mark to the next one (the last: to the end). Each top-level
+    # flow run belongs to the stage whose window holds its start.
+    bounds = [t for _, t in marks] + [t_end]
+    stages = [{"stage": stage, "wall_s": round(bounds[i + 1] - start, 1), "work_s": 0.0} for i, (stage, start) in enumerate(marks)]
+    finished = [r for r in runs if r.get("start_time") and r.get("end_time")]
+    for run in finished:
+        start = _parse(run["start_time"]).timestamp()
+        for i, stage in enumerate(stages):
+            if bounds[i] <= start < bounds[i + 1]:
+                stage["work_s"] = round(stage["work_s"] + (_parse(run["end_time"]) - _parse(run["start_time"])).total_seconds(), 1)
+                stage.setdefault("flows", []).append(run.get("name"))
+    for stage in stages:
+        stage["overhead_s"] = round(stage["wall_s"] - stage["work_s"], 1)
+
+    work_total = sum(s["work_s"] for s in stages)
+    report.update({
+        "prefect_server_start_s": round(server_start_s, 1),
+        "dvc_repro_s": round(repro_s, 1),
+        "pipeline_wall_s": round(pipeline_wall, 1),
+        "flows_work_s": round(work_total, 1),
+        "overhead_s": round(pipeline_wall - work_total, 1),
+        "overhead_share": round((pipeline_wall - work_total) / pipeline_wall, 3),
+        "flow_runs_seen": len(finished),
+        "stages": stages,
+    })
+
+    # Nothing changed: what `make repro` costs (server start included) and plain `dvc repro`.
+    t0 = time.monotonic()
+    run_timed([py, "-m", "flows.prefect_server", "--", str(bin_dir / "dvc"), "repro"], env)
+    report["repro_unchanged_make_s"] = round(time.monotonic() - t0, 1)
+    t0 = time.monotonic()
+    run_timed([str(bin_dir / "dvc"), "repro"], env)
+    report["repro_unchanged_plain_s"] = round(time.monotonic() - t0, 1)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "stages"}, indent=2))
+    print(f"{'stage':20s} {'wall s':>8s} {'work s':>8s} {'overhead s':>10s}")
+    for s in stages:
+        print(f"{s['stage']:20s} {s['wall_s']:8.1f} {s['work_s']:8.1f} {s['overhead_s']:10.1f}")
+
+
+if __name__ == "__main__":
+    main()

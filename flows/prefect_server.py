@@ -1,0 +1,240 @@
+"""One Prefect API for a whole run of the pipeline: start it, point every stage at it, stop it.
+
+Without a server, every process that runs a flow starts a temporary Prefect API of its
+own (10–20 s, far more on a busy machine): a `dvc repro` of eleven short stages pays
+that eleven times and none of the runs is left for the UI. This wrapper runs a command
+(``dvc repro``, ``python -m flows.pipeline``, …) against one Prefect server:
+
+* ``PREFECT_API_URL`` already set (a team server, ``make prefect-server``): it is checked
+  within a few seconds and used as it is; nothing is started or stopped;
+* otherwise a local ``prefect server start`` is launched on 127.0.0.1 (port
+  ``PREFECT_PORT`` or 4200, the next free one when that is taken), with its database in
+  the project's ``PREFECT_HOME`` so the runs stay visible in the UI afterwards; the
+  command runs with ``PREFECT_API_URL`` pointing at it; the server is stopped when the
+  command ends, fails or is interrupted.
+
+SIGINT/SIGTERM to the wrapper are passed to the command's whole process group (so a
+stage started by ``dvc repro`` stops too) and the server is stopped after it.
+
+This is orchestration tooling, not a flow: it imports neither Prefect nor any step,
+so it costs a bare Python start-up. Usage::
+
+    python -m flows.prefect_server -- dvc repro
+    python -m flows.prefect_server --keep -- python -m flows.pipeline   # leave the UI up
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from pipeline_steps import runtime_env
+from pipeline_steps.errors import PipelineError
+
+API_ENV = "PREFECT_API_URL"
+DEFAULT_PORT = 4200
+#: Exit code when the API cannot be reached or started (distinct from a stage's own failure).
+EXIT_API_UNAVAILABLE = 3
+STOP_GRACE_S = 8.0
+
+
+class PrefectApiError(PipelineError):
+    """The Prefect API named by PREFECT_API_URL does not answer, or a server could not start."""
+
+
+def api_is_healthy(api_url: str, timeout: float = 2.0) -> bool:
+    """True when ``<api_url>/health`` answers 200 within `timeout` seconds."""
+    try:
+        with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def require_api(api_url: str, timeout: float = 3.0) -> None:
+    """Fail fast, naming PREFECT_API_URL, when the configured Prefect API does not answer.
+
+    Prefect's client would otherwise retry for minutes before the first task runs.
+    """
+    if not api_is_healthy(api_url, timeout=timeout):
+        raise PrefectApiError(
+            f"{API_ENV}={api_url} does not answer (no Prefect server there). Start it "
+            f"(`make prefect-server`), point {API_ENV} at a running one, or unset it "
+            f"(`unset {API_ENV}`) to let the run start its own."
+        )
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_port(preferred: int, host: str = "127.0.0.1", tries: int = 50) -> int:
+    """`preferred` when free, else the next free port above it (said on stderr)."""
+    for port in range(preferred, preferred + tries):
+        if port_is_free(port, host):
+            if port != preferred:
+                print(f"prefect-server: port {preferred} is taken; using {port} (set PREFECT_PORT to choose)", file=sys.stderr)
+            return port
+    raise PrefectApiError(f"ports {preferred}-{preferred + tries - 1} on {host} are all taken; set PREFECT_PORT to a free port")
+
+
+def server_env(port: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of the server and of the commands that use it."""
+    env = dict(os.environ if environ is None else environ)
+    runtime_env.apply(env)
+    api_url = f"http://127.0.0.1:{port}/api"
+    env[API_ENV] = api_url
+    env["PREFECT_UI_API_URL"] = api_url  # else the UI of a server off port 4200 calls :4200
+    return env
+
+
+def start_server(port: int, env: Mapping[str, str], log_path: Path, startup_timeout: float = 300.0) -> subprocess.Popen:
+    """Launch ``prefect server start`` in its own process group and wait until it is healthy.
+
+    Args:
+        port: a free port on 127.0.0.1.
+        env: the server's environment (see :func:`server_env`).
+        log_path: where its output goes (read back when it fails to start).
+        startup_timeout: seconds to wait; a busy 2-core machine needs more than an idle one.
+
+    Returns:
+        The running server process.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("wb")
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(cmd, env=dict(env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + startup_timeout
+    api_url = env[API_ENV]
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise PrefectApiError(f"`prefect server start` on port {port} exited with code {process.returncode}:\n{tail}")
+        if api_is_healthy(api_url, timeout=1.0):
+            return process
+        time.sleep(0.5)
+    stop_process_group(process)
+    raise PrefectApiError(f"the Prefect server on port {port} was not healthy after {startup_timeout:.0f} s (log: {log_path})")
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = STOP_GRACE_S) -> int | None:
+    """SIGTERM the process's group, SIGKILL it after `grace` seconds; returns the exit code."""
+    if process.poll() is not None:
+        return process.returncode
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        return process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
+@contextlib.contextmanager
+def prefect_api(port: int | None = None, log_path: Path | None = None, keep: bool = False) -> Iterator[dict[str, str]]:
+    """Yield the environment of commands that use one Prefect API (started here if needed).
+
+    With PREFECT_API_URL set, that API is checked and used; otherwise a local server is
+    started and, unless `keep`, stopped on exit (also on an exception or interrupt).
+    """
+    configured = os.environ.get(API_ENV)
+    if configured:
+        require_api(configured)
+        env = dict(os.environ)
+        runtime_env.apply(env)
+        yield env
+        return
+    env_port = os.environ.get("PREFECT_PORT")
+    port = choose_port(port or (int(env_port) if env_port else DEFAULT_PORT))
+    env = server_env(port)
+    log_path = log_path or Path(env["PREFECT_HOME"]) / "server.log"
+    started = time.monotonic()
+    server = start_server(port, env, log_path)
+    print(f"prefect-server: Prefect UI at http://127.0.0.1:{port} (up in {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    try:
+        yield env
+    finally:
+        if keep:
+            print(f"prefect-server: left running (pid {server.pid}); stop it with `kill -- -{server.pid}`", file=sys.stderr)
+        else:
+            stop_process_group(server)
+
+
+def run_command(cmd: Sequence[str], env: Mapping[str, str], grace: float = STOP_GRACE_S) -> int:
+    """Run `cmd` in its own process group, passing SIGINT/SIGTERM to the whole group.
+
+    `dvc repro` starts each stage as a child; signalling the group stops the stage too,
+    instead of leaving it orphaned. A group still alive `grace` seconds after the first
+    signal is killed.
+
+    Returns:
+        The command's exit code (128 + signal number when it was stopped by a signal).
+    """
+    process = subprocess.Popen(list(cmd), env=dict(env), start_new_session=True)
+    received: list[tuple[int, float]] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append((signum, time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = process.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if received and time.monotonic() - received[0][1] > grace:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    # Anything the command left in its group (a stage's own children) goes with it.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    if received and code != 0:
+        return 128 + received[0][0]
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.prefect_server",
+        description="Run a command (e.g. `dvc repro`) against one Prefect API, starting a local server if none is configured.",
+    )
+    parser.add_argument("--port", type=int, default=None, help="port of the local server (default: PREFECT_PORT or 4200, next free one if taken)")
+    parser.add_argument("--keep", action="store_true", help="leave the local server running after the command (for the UI)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --, e.g. `python -m flows.prefect_server -- dvc repro`")
+    try:
+        with prefect_api(port=args.port, keep=args.keep) as env:
+            return run_command(command, env)
+    except PrefectApiError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_API_UNAVAILABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

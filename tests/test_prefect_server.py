@@ -1,0 +1,205 @@
+"""One Prefect API per pipeline run (flows/prefect_server.py), bad server URLs and clean stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows import prefect_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _env_without_api(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_API_URL")}
+    env.update(extra)
+    return env
+
+
+def test_dead_api_url_is_named_within_seconds() -> None:
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    started = time.monotonic()
+    with pytest.raises(prefect_server.PrefectApiError) as error:
+        prefect_server.require_api(url)
+    assert time.monotonic() - started < 5
+    assert "PREFECT_API_URL" in str(error.value) and url in str(error.value)
+    assert "unset PREFECT_API_URL" in str(error.value)
+
+
+def test_stage_cli_with_dead_api_url_fails_fast_naming_it(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.validate", "--raw-dir", str(tmp_path)],
+        cwd=ROOT, env=_env_without_api(PREFECT_API_URL=url), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "PREFECT_API_URL" in proc.stderr and url in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # process start + imports + a 3 s probe; Prefect's own client would retry for minutes
+    assert time.monotonic() - started < 60
+
+
+def test_wrapper_with_dead_api_url_exits_with_its_code() -> None:
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.prefect_server", "--", "true"],
+        cwd=ROOT, env=_env_without_api(PREFECT_API_URL=url), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == prefect_server.EXIT_API_UNAVAILABLE
+    assert "PREFECT_API_URL" in proc.stderr
+
+
+def test_taken_port_moves_to_the_next_free_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        chosen = prefect_server.choose_port(taken)
+    assert chosen != taken
+    assert f"port {taken} is taken" in capsys.readouterr().err
+
+
+def test_wrapper_needs_a_command() -> None:
+    proc = subprocess.run([sys.executable, "-m", "flows.prefect_server"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "after --" in proc.stderr
+
+
+FLOW_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import flows  # the project's environment, before Prefect is imported
+    from prefect import flow
+
+    @flow(name=sys.argv[1])
+    def probe(seconds: float) -> None:
+        print("flow-started", flush=True)
+        time.sleep(seconds)
+
+    probe(float(sys.argv[2]))
+    """
+)
+
+
+def _children_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+@pytest.mark.integration
+def test_one_server_for_every_command_and_runs_visible_in_its_api(tmp_path: Path) -> None:
+    """Two flow processes under one wrapper report to the same server; it is stopped after."""
+    script = tmp_path / "probe_flow.py"
+    script.write_text(FLOW_SCRIPT)
+    port = _free_port()
+    report = tmp_path / "runs.json"
+    # The command: two flow processes, then a query of the server's API for their runs.
+    command = (
+        f"{sys.executable} {script} probe-one 0 && {sys.executable} {script} probe-two 0 && "
+        f"{sys.executable} -c \"import json, os, urllib.request; "
+        f"req = urllib.request.Request(os.environ['PREFECT_API_URL'] + '/flow_runs/filter', data=b'{{}}', headers={{'Content-Type': 'application/json'}}); "
+        f"runs = json.loads(urllib.request.urlopen(req).read()); "
+        f"open('{report}', 'w').write(json.dumps([[r['state']['type'], r['flow_id']] for r in runs] + [os.environ['PREFECT_API_URL']]))\""
+    )
+    env = _env_without_api(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.prefect_server", "--port", str(port), "--", "bash", "-c", command],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    *runs, api_url = json.loads(report.read_text())
+    assert api_url == f"http://127.0.0.1:{port}/api"
+    assert [state for state, _ in runs] == ["COMPLETED", "COMPLETED"]
+    assert len({flow_id for _, flow_id in runs}) == 2  # two flows, one server
+    assert "Starting temporary server" not in proc.stdout + proc.stderr
+    assert prefect_server.port_is_free(port), "the server the wrapper started is still listening"
+
+
+@pytest.mark.integration
+def test_sigterm_to_the_wrapper_stops_command_and_server_within_10_s(tmp_path: Path) -> None:
+    script = tmp_path / "probe_flow.py"
+    script.write_text(FLOW_SCRIPT)
+    port = _free_port()
+    env = _env_without_api(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
+    wrapper = subprocess.Popen(
+        [sys.executable, "-m", "flows.prefect_server", "--port", str(port), "--", sys.executable, str(script), "long-run", "600"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert wrapper.stdout is not None
+    deadline = time.monotonic() + 400
+    for line in wrapper.stdout:
+        if "flow-started" in line or time.monotonic() > deadline:
+            break
+    flow_pids = [int(p) for p in subprocess.run(["pgrep", "-f", "long-run 600"], capture_output=True, text=True).stdout.split()]
+    assert flow_pids, "the flow process did not start"
+    stopped_at = time.monotonic()
+    wrapper.send_signal(signal.SIGTERM)
+    code = wrapper.wait(timeout=30)
+    assert time.monotonic() - stopped_at < 10
+    assert code == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    assert _children_alive(flow_pids) == []
+    assert prefect_server.port_is_free(port)
+    # the run is not left "Running" in the server's database: Prefect marked it crashed
+    # (checked through a fresh server would cost another start; the log says it)
+
+
+@pytest.mark.integration
+def test_sigterm_to_a_stage_without_server_leaves_no_temporary_api(tmp_path: Path) -> None:
+    """A serverless stage starts Prefect's temporary API; SIGTERM must take it down too."""
+    env = _env_without_api(PREFECT_HOME=str(tmp_path / "prefect-home"))
+    out = tmp_path / "raw"
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "flows.generate_sample", "--set", f"sample.n_products=3000", "--out", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    assert stage.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 400
+    for line in stage.stdout:
+        lines.append(line)
+        if "Beginning flow run" in line or time.monotonic() > deadline:
+            break
+    time.sleep(1.0)
+    server_pids = [int(p) for p in subprocess.run(["pgrep", "-g", str(stage.pid), "-f", "uvicorn"], capture_output=True, text=True).stdout.split()]
+    stopped_at = time.monotonic()
+    stage.send_signal(signal.SIGTERM)  # to the stage process alone, as `kill <pid>` does
+    code = stage.wait(timeout=30)
+    elapsed = time.monotonic() - stopped_at
+    rest = stage.stdout.read()
+    assert elapsed < 10, rest[-2000:]
+    assert code != 0
+    time.sleep(1.0)
+    assert _children_alive(server_pids) == [], "Prefect's temporary API outlived the stopped stage"
+    # nothing half-written: either no output or a complete one
+    assert not out.exists() or (out / "Products.csv").is_file()
+    # and running it again finishes the work
+    again = subprocess.run(
+        [sys.executable, "-m", "flows.generate_sample", "--set", "sample.n_products=60", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "Products.csv").is_file()
