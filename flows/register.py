@@ -16,6 +16,8 @@ from typing import Any
 
 from prefect import flow, task
 
+from mlflow.exceptions import MlflowException
+
 from flows import tracking
 from flows.common import base_parser, load_params, path_of, run_cli
 from flows.evaluate import MODEL_RUN_KEY, SPLIT_HASH_KEY, score_model
@@ -126,9 +128,19 @@ def register_flow(params: str | None = None, overrides: list[str] | None = None,
     require_choice(model, "--model", ("all", *MODELS))
     kinds = MODELS if model == "all" else (model,)
     summary_path = path_of(settings, "registry.summary_file")
+    uri = registry.tracking_uri_for(settings["registry"])
+    registry.bound_http_retries()
+    registry.require_tracking_server(uri)  # a stopped server: one message naming it, within seconds
     decisions: dict[str, Any] = {}
     for kind in kinds:
-        decisions[kind] = promote_task(kind, register_task(kind, settings), settings)
+        try:
+            decisions[kind] = promote_task(kind, register_task(kind, settings), settings)
+        except (MlflowException, OSError) as error:
+            # The server went away mid-stage. A version is created with its metric tags in one
+            # request and aliases move only to READY versions, so nothing half-registered is left;
+            # a rerun reuses the versions of runs already registered.
+            registry.require_tracking_server(uri, attempts=2)
+            raise  # the server answers: a real failure, keep its traceback
         # one model at a time: a later failure leaves the earlier decisions on record
         summary = read_json(summary_path) if summary_path.is_file() else {}
         summary[kind] = decisions[kind]

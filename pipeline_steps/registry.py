@@ -64,6 +64,64 @@ class RegistryError(PipelineError):
     """A model cannot be registered or promoted as asked (missing metrics, unknown alias...)."""
 
 
+class TrackingUnavailable(RegistryError):
+    """The MLflow tracking server does not answer (stopped, or stopped mid-stage)."""
+
+
+# MLflow's own HTTP client retries a dead server for minutes (7 retries, backoff factor 2,
+# 120 s timeout); a stage should say within seconds that the server is gone. Users can still
+# set these variables themselves.
+HTTP_RETRY_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def tracking_uri_for(registry_params: Mapping[str, Any], root: str | Path = PROJECT_ROOT) -> str:
+    """The tracking URI configure_tracking would use (MLFLOW_TRACKING_URI wins), with no side effect."""
+    env_uri = _user_env("MLFLOW_TRACKING_URI")
+    if env_uri:
+        return env_uri
+    if not registry_params.get("tracking_uri"):
+        raise ConfigError("params.yaml key 'registry.tracking_uri' is missing or empty")
+    return resolve_tracking_uri(str(registry_params["tracking_uri"]), root)
+
+
+def require_tracking_server(uri: str, attempts: int = 3, timeout_s: float = 5.0, sleep: Any = time.sleep) -> None:
+    """For an http(s) tracking URI: GET /health, retried (it is idempotent), else TrackingUnavailable.
+
+    Local stores (sqlite:, file:) need no server and pass at once. The message names the URI and
+    what to do, instead of MLflow's retry loop followed by a connection traceback.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    health = uri.rstrip("/") + "/health"
+    problem = ""
+    for attempt in range(attempts):
+        try:
+            answer = requests.get(health, timeout=timeout_s)
+            if answer.status_code == 200:
+                return
+            problem = f"GET {health} answered {answer.status_code}"
+        except requests.RequestException as exc:
+            problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if attempt + 1 < attempts:
+            sleep(min(2.0 ** attempt, 4.0))
+    raise TrackingUnavailable(
+        f"the MLflow tracking server at {uri} does not answer after {attempts} tries ({problem}); start it "
+        "(e.g. `make mlflow-ui`) or point MLFLOW_TRACKING_URI / params.yaml registry.tracking_uri at a running "
+        "one, then run the stage again (versions already registered are reused, with their metrics)"
+    )
+
+
+def bound_http_retries() -> None:
+    for key, value in HTTP_RETRY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 # ---------------------------------------------------------------------------------------
 # Tracking store
 # ---------------------------------------------------------------------------------------
@@ -92,6 +150,8 @@ def configure_tracking(registry_params: Mapping[str, Any], root: str | Path = PR
     else:
         tracking_uri = resolve_tracking_uri(str(registry_params["tracking_uri"]), root)
     registry_uri = _user_env("MLFLOW_REGISTRY_URI") or tracking_uri
+    bound_http_retries()
+    require_tracking_server(tracking_uri)
 
     db_path = sqlite_path(tracking_uri)
     artifact_location: str | None = None
