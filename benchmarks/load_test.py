@@ -116,14 +116,15 @@ def photos_from_bundle(bundle: Path | None, limit: int = 50) -> list[bytes]:
 
 
 def make_plans(n: int, mix: dict[str, float], queries: list[str], photos: list[bytes], photo_share: float,
-               k: int, seed: int) -> list[Plan]:
+               k: int, seed: int, photo_only: bool = False) -> list[Plan]:
+    """`photo_only`: a request with a photo carries no text (a pure photo search / image predict)."""
     rng = random.Random(seed)
     names, weights = list(mix), list(mix.values())
     plans = []
     for _ in range(n):
         endpoint = rng.choices(names, weights)[0]
         with_photo = bool(photos) and rng.random() < photo_share
-        text = rng.choice(queries) if (not with_photo or rng.random() < 0.5) else None
+        text = rng.choice(queries) if (not with_photo or (not photo_only and rng.random() < 0.5)) else None
         plans.append(Plan(endpoint, text, rng.choice(photos) if with_photo else None, k))
     return plans
 
@@ -337,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     parser.add_argument("--mix", default="search=0.7,predict=0.3", help="endpoint weights, e.g. search=0.7,predict=0.3")
     parser.add_argument("--photo-share", type=float, default=0.0, help="share of requests carrying a photo (0..1)")
+    parser.add_argument("--photo-only", action="store_true",
+                        help="requests with a photo carry no text (photo search: the image model and index)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--in-process", type=int, default=200,
@@ -368,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = requests.post(f"{url}/metadata", json={}, timeout=30).json()
         queries = queries_from_bundle(bundle)
         photos = photos_from_bundle(bundle) if args.photo_share > 0 else []
-        plans = make_plans(args.requests, parse_mix(args.mix), queries, photos, args.photo_share, args.k, args.seed)
+        plans = make_plans(args.requests, parse_mix(args.mix), queries, photos, args.photo_share, args.k, args.seed,
+                           photo_only=args.photo_only)
 
         # a short warm-up so first-request costs do not land in the percentiles
         asyncio.run(run_http(url, plans[: min(32, len(plans))], min(4, args.concurrency), 60, args.timeout))
@@ -388,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             "url": url,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
             "settings": {"requests": args.requests, "concurrency": args.concurrency, "mix": args.mix,
-                         "photo_share": args.photo_share, "k": args.k, "max_seconds": args.max_seconds},
+                         "photo_share": args.photo_share, "photo_only": args.photo_only, "k": args.k,
+                         "max_seconds": args.max_seconds},
             "bundle": {"models": meta.get("models"), "indexes": {k: v.get("size") for k, v in
                                                                  (meta.get("indexes") or {}).items()},
                        "built_at": meta.get("built_at")},
