@@ -488,10 +488,10 @@ def rejects_of(rejects: pd.DataFrame, source_file: str, reason: str) -> int:
 def clean_dataset(validated_dir: Path, raw_images_dir: Path, out_dir: Path, cleaning_params: dict) -> dict:
     """Run the clean stage: read the validated layer, write the clean layer, return the manifest.
 
-    Settings are checked before any work. The photos are converted into a temporary
-    folder that replaces out_dir/images as a whole (no stale photo survives a rerun);
-    every table is finished in memory before that swap, so a failure leaves the
-    previous clean layer untouched; each file is then written atomically, manifest.json last.
+    Settings are checked before any work. The whole layer (photos, tables, manifest.json
+    last) is written into a temporary sibling folder that replaces out_dir as a whole: no
+    stale photo survives a rerun, and a failure or a crash at any point leaves the previous
+    clean layer untouched (pipeline_steps/io_utils.atomic_dir).
     """
     validated_dir, raw_images_dir, out_dir = Path(validated_dir), Path(raw_images_dir), Path(out_dir)
     image_size, pad_colour = image_settings(cleaning_params)
@@ -502,8 +502,13 @@ def clean_dataset(validated_dir: Path, raw_images_dir: Path, out_dir: Path, clea
 
     cleaned = clean_products(raw_products, cleaning_params)
     linked, link_rejects = link_images(raw_images, cleaned.products, cleaned.rejects)
-    with io_utils.atomic_dir(out_dir / IMAGES_SUBDIR) as tmp_images:
-        tmp_images.chmod(0o755)  # mkdtemp makes it private; the photos are read by other tools and users
+    # The whole clean layer is built in a temporary sibling and swapped in at once: a crash at
+    # any point (photos half converted, tables half written) leaves the previous layer whole,
+    # never a mix of two runs, and the stage's stamp goes with the old folder.
+    with io_utils.atomic_dir(out_dir) as tmp_out:
+        tmp_out.chmod(0o755)  # mkdtemp makes it private; the photos are read by other tools and users
+        tmp_images = tmp_out / IMAGES_SUBDIR
+        tmp_images.mkdir()
         results = convert_images(
             image_tasks(linked, raw_images_dir, tmp_images), image_size, pad_colour,
             workers=workers, progress=bool(cleaning_params.get("progress", True)),
@@ -517,12 +522,12 @@ def clean_dataset(validated_dir: Path, raw_images_dir: Path, out_dir: Path, clea
         inputs = {"products": len(raw_products), "images": len(raw_images)}
         manifest = build_manifest(products, images, rejects, cleaned.labels, stats, inputs)
 
-    io_utils.write_parquet(products, out_dir / "products.parquet")
-    io_utils.write_parquet(images, out_dir / "images.parquet")
-    io_utils.write_parquet(listings, out_dir / "listings.parquet")
-    io_utils.write_json(out_dir / "labels.json", cleaned.labels)
-    io_utils.write_csv(rejects, out_dir / "rejects.csv")
-    io_utils.write_json(out_dir / "manifest.json", manifest)
+        io_utils.write_parquet(products, tmp_out / "products.parquet")
+        io_utils.write_parquet(images, tmp_out / "images.parquet")
+        io_utils.write_parquet(listings, tmp_out / "listings.parquet")
+        io_utils.write_json(tmp_out / "labels.json", cleaned.labels)
+        io_utils.write_csv(rejects, tmp_out / "rejects.csv")
+        io_utils.write_json(tmp_out / "manifest.json", manifest)
     return manifest
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from pipeline_steps.faults import crash_point
 from tqdm import tqdm
 
 JPEG_QUALITY = 90
@@ -137,6 +139,7 @@ def convert_one(task: ImageTask, size: int, pad_colour: Sequence[int]) -> ImageR
     try:
         image, source_mode = _prepare(task.src, size, pad_colour)
         save_jpeg(image, task.dst)
+        crash_point("convert_image")  # test hook (pipeline_steps/faults.py); a no-op otherwise
     except FileNotFoundError:
         return ImageResult(task.image_id, None, IMAGE_MISSING)
     except Exception as error:  # noqa: BLE001 - any decoder failure is a reject, not a crash

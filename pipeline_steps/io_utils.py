@@ -19,6 +19,8 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline_steps.faults import crash_point
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -34,14 +36,17 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; move it onto `target` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    sweep_stale(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp_name)
     try:
         yield tmp_path
         if tmp_path.exists():
             os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared files
+        crash_point(f"replace:{target.name}")
         os.replace(tmp_path, target)
+        crash_point(f"replaced:{target.name}")
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -52,10 +57,12 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `target` as a whole on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    sweep_stale(target)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=target.parent))
     try:
         yield tmp_dir
         os.chmod(tmp_dir, 0o777 & ~_UMASK)
+        crash_point(f"swap:{target.name}")
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -66,6 +73,57 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def sweep_stale(target: str | Path) -> list[Path]:
+    """Remove what a killed writer of `target` left beside it; return what was removed.
+
+    atomic_path/atomic_dir name their temporaries `.<name>.<pid>.<random>.tmp` (and the
+    directory being replaced `.<name>.old-<pid>`). Those of a process that no longer runs are
+    garbage from a crash (SIGKILL skips the cleanup); those of a live process are left alone,
+    so concurrent writers never delete each other's work. Nothing ever reads them.
+    """
+    target = Path(target)
+    removed = []
+    try:
+        siblings = list(target.parent.glob(f".{glob_escape(target.name)}.*"))
+    except OSError:
+        return removed
+    for path in siblings:
+        rest = path.name[len(target.name) + 2:]
+        if rest.startswith("old-"):
+            pid_text = rest[4:]
+        elif rest.endswith(TMP_SUFFIX):
+            pid_text = rest.split(".", 1)[0]
+        else:
+            continue
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{char}]" if char in "*?[" else char for char in name)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_bytes(target: str | Path, data: bytes) -> Path:

@@ -43,6 +43,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline_steps.config import PROJECT_ROOT, resolve_path
 from pipeline_steps.errors import ConfigError, PipelineError
+from pipeline_steps.registry_lock import promotion_lock, verify_alias
 
 logger = logging.getLogger(__name__)
 
@@ -599,7 +600,9 @@ def promote(
     """
     version = str(version)
     client = MlflowClient()
-    with _store_lock():
+    # Across processes and machines sharing one registry (pipeline_steps/registry_lock.py):
+    # a PostgreSQL advisory lock, a lock entry in an MLflow server's registry, or a file lock (SQLite).
+    with promotion_lock(name):
         new_version = client.get_model_version(name, version)
         new_value = metric_value(client, new_version, metric)
         if new_value is None:
@@ -628,6 +631,7 @@ def promote(
 
         if decision.promoted:
             client.set_registered_model_alias(name, champion_alias, version)
+            verify_alias(client, name, champion_alias, version)  # re-check while still holding the lock
             decision.alias = champion_alias
             challenger = _version_by_alias(client, name, challenger_alias)
             if challenger is not None and str(challenger.version) == version:

@@ -576,21 +576,25 @@ def validate_raw(
     orphans = find_orphans(images, file_names)
 
     rejects = _rejects_frame([*product_result.rejects.values(), *image_result.rejects.values()])
-    io_utils.write_csv(rejects[REJECT_COLUMNS], out_dir / "rejects.csv")
-    io_utils.write_csv(orphans, out_dir / "orphans.csv")
-
     metrics = _metrics(products, images, product_result, image_result, rejects, orphans, params,
                        read_warnings, data_docs_dir / "index.html", file_names)
     exceeded = _threshold_message(metrics, params, out_dir)
+    # The validated layer is written into a temporary sibling and swapped in as a whole: a crash
+    # never leaves a mix of two runs' tables. Past the reject threshold it holds only rejects.csv
+    # and orphans.csv, so no older run's accepted tables look current.
+    with io_utils.atomic_dir(out_dir) as tmp_out:
+        tmp_out.chmod(0o755)
+        io_utils.write_csv(rejects[REJECT_COLUMNS], tmp_out / "rejects.csv")
+        io_utils.write_csv(orphans, tmp_out / "orphans.csv")
+        if not exceeded:
+            io_utils.write_parquet(product_result.frame.drop(index=list(product_result.rejects)),
+                                   tmp_out / "products.parquet")
+            io_utils.write_parquet(_accepted_images(images, image_result), tmp_out / "images.parquet")
+    metrics["duration_s"] = round(time.perf_counter() - started, 2)
     if exceeded:
-        _remove_stale(out_dir)
-        metrics["duration_s"] = round(time.perf_counter() - started, 2)
         error = RejectThresholdExceeded(exceeded)
         error.metrics = metrics  # type: ignore[attr-defined]
         raise error
-    io_utils.write_parquet(product_result.frame.drop(index=list(product_result.rejects)), out_dir / "products.parquet")
-    io_utils.write_parquet(_accepted_images(images, image_result), out_dir / "images.parquet")
-    metrics["duration_s"] = round(time.perf_counter() - started, 2)
     return metrics
 
 
@@ -788,12 +792,6 @@ def _threshold_message(metrics: Mapping[str, Any], params: Mapping[str, Any], ou
         f"({limit:.1%}). Top reasons: {top_text}. Rejects are in {out_dir / 'rejects.csv'}, Data Docs in "
         f"{metrics['data_docs_index']}. Fix the export, or raise validation.max_reject_fraction if this is expected."
     )
-
-
-def _remove_stale(out_dir: Path) -> None:
-    """A failed run must not leave an older run's accepted tables looking current."""
-    for name in ("products.parquet", "images.parquet"):
-        (out_dir / name).unlink(missing_ok=True)
 
 
 def check_validation_params(validation_params: Mapping[str, Any]) -> dict[str, Any]:
