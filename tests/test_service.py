@@ -549,6 +549,23 @@ def test_bad_requests_get_4xx_with_a_message(url, photo, categories) -> None:
 
 
 @pytest.mark.integration
+def test_real_sized_text_is_served_and_longer_text_is_cut_with_a_note(url) -> None:
+    """Issue 12: real listings of name + description > 5,000 characters were answered 413."""
+    real = "Solid oak dining table. " + "Lovely condition, collection only, six chairs included. " * 175  # ~9,800
+    for endpoint in ("predict", "search"):
+        response = _post(url, endpoint, json_body={"text": real})
+        assert response.status_code == 200, response.text[:300]
+        assert "text_truncated" not in response.json()
+    longer = "oak table " * 3_000  # 30,000 characters: accepted, cut to serve.model_text_chars
+    for endpoint in ("predict", "embed", "search"):
+        response = _post(url, endpoint, json_body={"text": longer})
+        assert response.status_code == 200, response.text[:300]
+        note = response.json()["text_truncated"]
+        assert note["original_chars"] == 29_999 and note["used_chars"] <= 20_000
+    assert _post(url, "predict", json_body={"text": "x" * 100_001}).status_code == 413
+
+
+@pytest.mark.integration
 def test_malformed_bodies_get_4xx(url) -> None:
     cases = [
         ({"data": b'{"text": ', "headers": {"content-type": "application/json"}}, 400),
