@@ -31,7 +31,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e ".[cpu,dev]"
+	$(BIN)/pip install -e ".[cpu,dev,team]"
 	touch $@
 
 ## The demo: generate the sample export, version it with DVC, run every stage against
@@ -86,3 +86,34 @@ metrics: install
 
 bench: install
 	$(BIN)/python benchmarks/faiss_benchmark.py
+
+## ---- Team set-up (README "Team set-up"): shared servers, workers, a DVC remote ----
+.PHONY: services services-down services-env worker deployments push pull
+## PostgreSQL + MLflow server (PostgreSQL backend, proxied artifacts) + Prefect server on PostgreSQL,
+## in the background (params.yaml: team); then `source .team/env` points the pipeline at them.
+services: install
+	$(BIN)/python -m pipeline_steps.team_servers up
+
+services-down: install
+	$(BIN)/python -m pipeline_steps.team_servers down
+
+services-env: install
+	@$(BIN)/python -m pipeline_steps.team_servers env
+
+## A process worker of the work pool (team.work_pool) against the team Prefect server.
+worker: install
+	source "$$($(BIN)/python -c 'from pipeline_steps.config import load_params; print(load_params()["team"]["dir"])')/env" && \
+	$(WITH_ENV) $(BIN)/python -m flows.deployments worker
+
+## The work pool and the deployments (whole pipeline + each stage) on the team Prefect server.
+deployments: install
+	source "$$($(BIN)/python -c 'from pipeline_steps.config import load_params; print(load_params()["team"]["dir"])')/env" && \
+	$(BIN)/python -m flows.deployments deploy
+
+## DVC remote (`dvc remote default`; .dvc/config names it): push/pull data and pipeline outputs.
+DVC_REMOTE ?=
+push: install
+	$(BIN)/dvc push $(if $(DVC_REMOTE),-r $(DVC_REMOTE),)
+
+pull: install
+	$(BIN)/dvc pull $(if $(DVC_REMOTE),-r $(DVC_REMOTE),)
