@@ -35,9 +35,14 @@ CONTROL_REGEX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
 # gx_view() replaces surrogates first, because they cannot be written as UTF-8 (Data Docs).
 INVALID_REGEX = r"[\ud800-\udfff\ufffd]"
 GX_INVALID_REGEX = r"\ufffd"
-# Zero-width space/joiners, word joiner and invisible operators, BOM; LRM/RLM/ALM, embeddings,
-# overrides and isolates.
-INVISIBLE_REGEX = r"[\u200b-\u200f\u2060-\u2064\ufeff\u061c\u202a-\u202e\u2066-\u2069]"
+# Zero-width space/non-joiner, word joiner and invisible operators, BOM; LRM/RLM/ALM, embeddings,
+# overrides and isolates. The zero-width joiner only outside an emoji sequence: in one it is
+# part of the emoji (a real listing's name holds "👩🏻\u200d🍳", a cook).
+_EMOJI = "\U0001F000-\U0001FAFF\u2600-\u27BF"
+INVISIBLE_REGEX = (
+    r"[\u200b\u200c\u200e\u200f\u2060-\u2064\ufeff\u061c\u202a-\u202e\u2066-\u2069]"
+    rf"|(?<![{_EMOJI}\ufe0f])\u200d|\u200d(?![{_EMOJI}])"
+)
 SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 
 ACTIONS = ("strip", "reject")

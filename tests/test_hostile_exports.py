@@ -53,7 +53,7 @@ PARAMS: dict[str, Any] = {
 CLEANING = {"min_products_per_class": 1, "dedupe_subset": ["product_name", "location", "product_description", "price"],
             "text": {"strip_gumtree_suffix": True}}
 PROFILE = settings(
-    max_examples=12,
+    max_examples=10,
     deadline=None,
     derandomize=True,
     database=None,
@@ -172,7 +172,7 @@ def assert_clean_text(frame: pd.DataFrame, columns: list[str], where: str) -> No
 # --------------------------------------------------------------------------- reading
 
 
-@settings(PROFILE, max_examples=120)
+@settings(PROFILE, max_examples=80)
 @given(rows=st.lists(st.lists(hostile_text(allow_bad_byte=False), min_size=6, max_size=6), min_size=1, max_size=6),
        fmt=FORMATS)
 def test_any_reasonable_csv_reads_back_row_for_row(rows: list[list[str]], fmt: Any) -> None:

@@ -151,3 +151,11 @@ def test_shown_value_escapes_and_shortens() -> None:
     assert shown_value("a\x00b") == "a\\x00b"
     assert shown_value("\udcff") == "\ufffd"
     assert shown_value("x" * 1000).endswith("(1,000 characters)")
+
+
+def test_a_zero_width_joiner_inside_an_emoji_is_kept() -> None:
+    """A real listing's name is 'Cookbook 👩🏻\u200d🍳 BRAND NEW': the joiner is part of the cook emoji."""
+    from pipeline_steps.text_hygiene import INVISIBLE_REGEX
+
+    assert not re.search(INVISIBLE_REGEX, "Cookbook 👩🏻\u200d🍳 BRAND NEW")
+    assert re.sub(INVISIBLE_REGEX, "", "Sofa\u200d bed\u200b \u202eevil\u2066") == "Sofa bed evil"
