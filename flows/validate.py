@@ -15,6 +15,7 @@ from flows.common import STAGE_CACHE, base_parser, stage_task, fingerprint_paths
 from pipeline_steps import config
 from pipeline_steps.errors import RejectThresholdExceeded
 from pipeline_steps.io_utils import write_json
+from pipeline_steps.raw_io import describe_format
 from pipeline_steps.validation import validate_raw
 
 
@@ -42,6 +43,9 @@ def validate_flow(params: str | None = None, overrides: list[str] | None = None,
         print(f"Data Docs: {docs_dir / 'index.html'}; rejects: {out_dir / 'rejects.csv'}")
         raise
     write_json(metrics_file, metrics)
+    for name, encoding in (metrics.get("encodings") or {}).items():
+        delimiter = (metrics.get("delimiters") or {}).get(name) or ","
+        print(f"read {name} as {describe_format(encoding or 'utf-8', delimiter)}")
     print(f"validated {raw}: rejects in {out_dir / 'rejects.csv'}")
     print(f"Data Docs: {metrics.get('data_docs_index', docs_dir)}")
     return metrics
