@@ -18,7 +18,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from prefect import flow, task
 
-from flows import tracking
+from flows import ranking_step, tracking
 from flows.champions import fetch_champion_task
 from flows.common import base_parser, fingerprint_paths, load_params, path_of, run_cli
 from pipeline_steps import inference, registry, retrieval
@@ -79,13 +79,18 @@ def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any])
     data_key = fingerprint_paths([clean_dir / "products.parquet", clean_dir / "images.parquet"])
     store = EmbeddingStore(path_of(settings, "index.embeddings_dir") / f"{kind}.parquet")
 
+    computed: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}  # the class probabilities of the same pass (ranking)
+
     def compute() -> tuple[np.ndarray, pd.DataFrame]:
         # photos' backbone features from the image model's frozen-feature cache when it holds them
         # (keyed by backbone weights + preprocessing + photo bytes, so a fine-tuned backbone never matches)
         prediction = inference.predict_split(classifier, clean_dir, None, feature_cache_dir=path_of(settings, "train.image.features_dir"))
+        computed["probs"] = (prediction.proba, prediction.ids)
         return prediction.embeddings, prediction.ids
 
     stored, reused = store.get_or_compute(CacheKey(name, version, data_key), compute)
+    probs_store = EmbeddingStore(ranking_step.probs_path(settings, kind))
+    probs_store.get_or_compute(CacheKey(name, version, data_key), lambda: computed.get("probs") or (compute(), computed["probs"])[1])
     print(f"{kind}: {'reused' if reused else 'computed'} {len(stored.ids)} embeddings from {name} v{version}")
     built = SimilarityIndex.from_settings(
         stored.vectors, stored.ids, IndexSettings.from_params(settings["index"]), kind=kind, model_name=name, model_version=version
@@ -113,6 +118,7 @@ def index_flow(params: str | None = None, overrides: list[str] | None = None, ki
     configured = [k for k in settings["index"]["kinds"] if kind in ("all", k)]
     champions = {k: fetch_champion_task(k, settings) for k in KINDS if k in configured or k == "price"}
     results = {k: index_task(k, champions[k], settings) for k in configured}
+    results.update(ranking_step.ranking_task({k: champions[k] for k in configured}, settings, results))
     write_metrics_json(path_of(settings, "evaluate.metrics_dir") / "retrieval.json", results)
     return results
 

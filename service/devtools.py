@@ -153,6 +153,7 @@ def build_tiny_bundle(workdir: str | Path, progress: bool = False) -> Path:
     train_price_estimator(clean_dir, params, models_dir / "price")
 
     index_dirs: dict[str, Path] = {}
+    ranking_inputs: dict[str, Any] = {}
     for kind in ("image", "text", "multimodal"):
         classifier = load_classifier(models_dir / kind, device="cpu")
         split = predict_split(classifier, clean_dir, None, progress=progress)
@@ -162,6 +163,17 @@ def build_tiny_bundle(workdir: str | Path, progress: bool = False) -> Path:
             model_name=_model_name(kind), model_version=MODEL_VERSION,
         )
         index_dirs[kind] = index.save(workdir / "index" / kind)
+        ranking_inputs[kind] = (index, split, list(classifier.classes))
+    # the ranking part (BM25, weights fitted on val) the index stage writes next to each index
+    from pipeline_steps.ranking import RankingSettings
+    from pipeline_steps.ranking_eval import KindData, fit_and_report
+
+    fit_and_report(
+        {kind: KindData(index, split.embeddings, split.ids, split.proba, classes)
+         for kind, (index, split, classes) in ranking_inputs.items()},
+        pd.read_parquet(clean_dir / "products.parquet"), RankingSettings.from_params(params["index"]),
+        index_dirs=index_dirs,
+    )
 
     model_dirs = {
         kind: (models_dir / kind, _model_name(kind), MODEL_VERSION) for kind in ("image", "text", "multimodal", "price")

@@ -148,6 +148,12 @@ class MarketplaceEngine:
 
         self._load_listings()
         self._category_masks: dict[tuple[str, str], np.ndarray] = {}
+        from service import ranking as service_ranking
+
+        self.rankings = service_ranking.load_rankings(
+            self.indexes, lambda kind: self.bundle_dir / str((self.info.get("indexes") or {}).get(kind, {}).get("dir") or f"index/{kind}"),
+            self.products, self.classes,
+        )
         self._lock = threading.Lock()
         logger.info(
             "bundle %s loaded: classifiers %s, price %s, indexes %s, %d products",
@@ -333,6 +339,18 @@ class MarketplaceEngine:
                 prices[i] = float(value) if math.isfinite(value) else None
         return [{"probs": probs[i], "price": prices[i]} for i in range(len(items))]
 
+    def predict_embed_batch(
+        self, kind: str, items: Sequence[tuple[Image.Image | None, str | None]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(class probabilities, embedding) per item from one forward pass: what a ranked search needs."""
+        images = [img for img, _ in items]
+        texts = [txt for _, txt in items]
+        probs, vectors = self.classifiers[kind].predict_and_embed(images, texts)
+        probs, vectors = np.asarray(probs, dtype=np.float64), np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(items) or probs.shape[0] != len(items):
+            raise RuntimeError(f"{kind} classifier returned shapes {probs.shape}, {vectors.shape} for {len(items)} items")
+        return [(probs[i], vectors[i]) for i in range(len(items))]
+
     def embed_batch(self, kind: str, items: Sequence[tuple[Image.Image | None, str | None]]) -> list[np.ndarray]:
         images = [img for img, _ in items]
         texts = [txt for _, txt in items]
@@ -382,7 +400,39 @@ class MarketplaceEngine:
                 self._category_masks[key] = mask
         return mask
 
-    def search_vector(self, kind: str, vector: np.ndarray, k: int, category: str | None) -> dict[str, Any]:
+    def _result(self, hit: Mapping[str, Any]) -> dict[str, Any]:
+        pid = hit["product_id"]
+        product = self.products.get(pid, {"product_id": pid})
+        image_id = hit.get("image_id") or product.get("image_id")
+        return {
+            **hit,
+            "product_id": pid,
+            "image_id": image_id,
+            "product_name": product.get("product_name"),
+            "price": product.get("price"),
+            "location": product.get("location"),
+            "category": product.get("category"),
+            "thumbnail_url": self.thumbnail_url(image_id),
+        }
+
+    def search_vector(
+        self, kind: str, vector: np.ndarray, k: int, category: str | None,
+        proba: np.ndarray | None = None, text: str | None = None,
+    ) -> dict[str, Any]:
+        """Ranked search (hybrid + category re-ranking, service/ranking.py) when the index has its ranking
+        files; the plain cosine order otherwise (and `proba` None: no category term)."""
+        ranking = self.rankings.get(kind)
+        if ranking is not None and ranking.ranker is not None:
+            mask = None if category is None else self._category_mask(kind, category)
+            hits = ranking.search(vector, proba, text, k, mask)
+            return {
+                "results": [self._result(h) for h in hits],
+                "model": self.model_info(kind),
+                "index": self.index_info(kind),
+                "ranking": ranking.describe() | ({} if proba is not None else {"category_weight": 0.0}),
+                "category": category,
+                "k": k,
+            }
         index = self.indexes[kind]
         filter_fn: Callable[[pd.DataFrame], Any] | None = None
         if category is not None:
@@ -417,6 +467,34 @@ class MarketplaceEngine:
             "results": results,
             "model": self.model_info(kind),
             "index": self.index_info(kind),
+            "ranking": self.rankings[kind].describe() if kind in self.rankings else {"mode": "dense-only"},
+            "category": category,
+            "k": k,
+        }
+
+    def similar(self, product_id: Any, k: Any = 10, category: Any = None) -> dict[str, Any]:
+        """The k listings most like an indexed listing (its text and photos together), same re-ranking."""
+        from service import ranking as service_ranking
+
+        pid = service_ranking.check_product_id(product_id)
+        kind = service_ranking.similar_kind(self.rankings)
+        if kind is None:
+            raise RequestError("this deployment has no text or multimodal index to find similar listings in", UNPROCESSABLE)
+        k, category = self.check_search(kind, k, category)
+        ranking = self.rankings[kind]
+        row = ranking.row_of.get(pid)
+        if row is None:
+            raise service_ranking.not_found(pid)
+        proba = None if ranking.ranker is None else ranking.ranker.probs[row]
+        mask = None if category is None else self._category_mask(kind, category)
+        hits = ranking.search(ranking.vector_of(row), proba, None, k, mask, exclude=pid, query_row=row)
+        return {
+            "product_id": pid,
+            "query": self._result({"product_id": pid}),
+            "results": [self._result(h) for h in hits],
+            "model": self.model_info(kind),
+            "index": self.index_info(kind),
+            "ranking": ranking.describe(),
             "category": category,
             "k": k,
         }
@@ -431,6 +509,7 @@ class MarketplaceEngine:
             "built_at": self.info.get("built_at"),
             "models": {kind: ref.to_dict() for kind, ref in self.models.items()},
             "indexes": {kind: self.index_info(kind) for kind in self.indexes},
+            "ranking": {kind: ranking.describe() for kind, ranking in self.rankings.items()},
             "categories": list(self.categories),
             "limits": {
                 "max_k": self.limits.max_k,
@@ -464,8 +543,8 @@ class MarketplaceEngine:
     ) -> dict[str, Any]:
         kind = self.kind_for(image is not None, bool(text))
         k, category = self.check_search(kind, k, category)
-        vector = self.embed_batch(kind, [(image, text)])[0]
-        return self.search_vector(kind, vector, k, category)
+        proba, vector = self.predict_embed_batch(kind, [(image, text)])[0]
+        return self.search_vector(kind, vector, k, category, proba=proba, text=text)
 
     def warm_up(self) -> None:
         """One tiny forward pass per model so the first real request does not pay lazy initialisation."""

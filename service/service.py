@@ -8,7 +8,7 @@ Without MARKETPLACE_BUNDLE_DIR the bundle is the BentoML model `serve.bundle_mod
 (params.yaml), which is also what `bentoml build` packs into the Bento.
 
 Endpoints (POST, JSON or multipart/form-data; photos as the multipart file field `image`):
-/predict, /embed, /search, /metadata; the search page is at /ui/; BentoML's /livez, /readyz,
+/predict, /embed, /search, /similar, /metadata; the search page is at /ui/; BentoML's /livez, /readyz,
 /metrics and /docs.json stay. Bad requests get a 4xx `{"error": ..., "status": ...}`.
 
 NB: no `from __future__ import annotations` here: BentoML infers the API schemas from the
@@ -153,6 +153,11 @@ SearchCategory = typing.Annotated[
     typing.Optional[str],
     Field(description="Only return listings of this category (case-insensitive; see /metadata 'categories')."),
 ]
+ProductId = typing.Annotated[
+    typing.Optional[str],
+    Field(description="The product_id of a listing in the index (as returned by /search).",
+          json_schema_extra={"maxLength": 100}),
+]
 JSONDict = typing.Dict[str, typing.Any]
 
 
@@ -192,7 +197,8 @@ class MarketplaceSearch:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marketplace-model")
         self.batchers: typing.Dict[typing.Tuple[str, str], MicroBatcher] = {}
         for kind in self.engine.classifiers:
-            for op, fn in (("predict", self.engine.predict_batch), ("embed", self.engine.embed_batch)):
+            for op, fn in (("predict", self.engine.predict_batch), ("embed", self.engine.embed_batch),
+                           ("rank", self.engine.predict_embed_batch)):
                 self.batchers[(op, kind)] = MicroBatcher(
                     functools.partial(fn, kind),
                     max_batch_size=BATCH_MAX_SIZE,
@@ -282,16 +288,43 @@ class MarketplaceSearch:
 
         Photo only -> image index (one result per product), text only -> text index, both ->
         multimodal index. `k` in 1..serve.max_k; `category` (optional) keeps only that category.
-        Returns {"results": [{"product_id","image_id","score","product_name","price","location",
-        "category","thumbnail_url"}], "model", "index", "category", "k"}.
+        Ranked by the index's ranking (params.yaml index.ranking, fitted on val): dense and BM25 candidates
+        fused, plus the category term; per result "score" (final) = "retrieval_score" + "category_score",
+        with the raw "dense_score" (cosine) and "lexical_score" (BM25, null when not a BM25 candidate).
+        Returns {"results": [{"product_id","image_id","score","retrieval_score","category_score",
+        "dense_score","lexical_score","product_name","price","location","category","thumbnail_url"}],
+        "model", "index", "ranking", "category", "k"}; an index packaged without its ranking files is
+        served dense-only, "ranking": {"mode": "dense-only", "reason"}.
         """
         try:
             photo, clean_text, kind, cut = await self._inputs(image, text)
             k, category = self.engine.check_search(kind, k, category)
         except RequestError as error:
             return self._refuse(ctx, error)
-        vector = await self.batchers[("embed", kind)].submit((photo, clean_text))
-        return self._noted(await asyncio.to_thread(self.engine.search_vector, kind, vector, k, category), cut)
+        proba, vector = await self.batchers[("rank", kind)].submit((photo, clean_text))
+        return self._noted(
+            await asyncio.to_thread(self.engine.search_vector, kind, vector, k, category, proba, clean_text), cut
+        )
+
+    @bentoml.api
+    async def similar(
+        self,
+        product_id: ProductId = None,
+        k: SearchK = 10,
+        category: SearchCategory = None,
+        *,
+        ctx: bentoml.Context,
+    ) -> JSONDict:
+        """More like this listing: the k listings most similar to an indexed listing (by product_id), using its
+        text and photos together (multimodal index, else text) with the same hybrid ranking and category
+        re-ranking as /search; the listing itself is excluded. Unknown id -> 404, malformed id or k -> 400.
+        Returns {"product_id", "query": the listing, "results": [... as /search ...], "model", "index",
+        "ranking", "category", "k"}.
+        """
+        try:
+            return await asyncio.to_thread(self.engine.similar, product_id, k, category)
+        except RequestError as error:
+            return self._refuse(ctx, error)
 
     @bentoml.api
     async def metadata(self) -> JSONDict:

@@ -179,9 +179,15 @@ def test_index_and_bundle_belong_to_the_champions(pipeline_run: tuple[Path, list
         assert loaded.size > 0
         assert 0.0 <= results[kind]["precision_at_1"] <= 1.0
         assert client.get_model_version(NAMES[kind], champion.version).tags.get("index_run_id")
+        # the ranking part (BM25 + weights fitted on val) lives next to the index it belongs to
+        assert (work / "artifacts" / "index" / kind / "ranking" / "ranking.json").is_file()
     assert (work / "metrics" / "retrieval.json").is_file()
+    ranking = results["ranking"]["report"]
+    assert {"text", "image", "combined", "similar"} <= set(ranking)
+    assert "dense (baseline)" in ranking["text"]["test"]
     packaged = package_flow(overrides=overrides, build=False)
     info = read_bundle_info(packaged["bundle_dir"])
+    assert (Path(packaged["bundle_dir"]) / "index" / "text" / "ranking" / "lexical" / "weights.npz").is_file()
     assert set(info["models"]) >= {"image", "text", "multimodal", "price"}
 
 

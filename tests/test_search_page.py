@@ -148,3 +148,28 @@ def test_a_non_image_upload_shows_the_service_error(page, tmp_path) -> None:
     error.wait_for(state="visible", timeout=30_000)
     assert "accepted formats" in error.inner_text()
 
+
+
+def test_more_like_this_on_every_card(page) -> None:
+    page.fill("#query", "acoustic guitar")
+    page.click("#submit")
+    cards = _cards(page)
+    assert cards.count() >= 1
+    # every result card offers "more like this"
+    assert page.locator("#results .card .more-like-this").count() == cards.count()
+    first_id = cards.first.get_attribute("data-product-id")
+    cards.first.locator(".more-like-this").click()
+    page.wait_for_function(
+        "(pid) => document.querySelector('#results').dataset.similarTo === pid", arg=first_id, timeout=30_000
+    )
+    cards = _cards(page)
+    ids = [c.get_attribute("data-product-id") for c in cards.all()]
+    assert ids and first_id not in ids and len(ids) == len(set(ids))
+    assert "like" in page.locator("#status").inner_text()
+    scores = [float(t.split()[-1]) for t in page.locator("#results .card .score").all_inner_texts()]
+    assert scores == sorted(scores, reverse=True)
+    # and from there again
+    cards.first.locator(".more-like-this").click()
+    page.wait_for_function(
+        "(pid) => document.querySelector('#results').dataset.similarTo === pid", arg=ids[0], timeout=30_000
+    )

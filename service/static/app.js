@@ -91,16 +91,49 @@
       ["price", item.price === null || item.price === undefined ? "price n/a" : money.format(item.price)],
       ["category", item.category || ""],
       ["location", item.location || ""],
-      ["score", "similarity " + Number(item.score).toFixed(3)],
+      ["score", "score " + Number(item.score).toFixed(3)],
     ];
+    if (item.retrieval_score !== undefined && item.category_score !== undefined) {
+      fields.push(["score-parts", "retrieval " + Number(item.retrieval_score).toFixed(3) +
+                   " + category " + Number(item.category_score).toFixed(3)]);
+    }
     for (const [cls, text] of fields) {
       const div = document.createElement("div");
       div.className = cls;
       div.textContent = text;
       body.appendChild(div);
     }
+    const more = document.createElement("button");
+    more.type = "button";
+    more.className = "link more-like-this";
+    more.textContent = "More like this";
+    more.addEventListener("click", () => runSimilar(item));
+    body.appendChild(more);
     el.appendChild(body);
     return el;
+  }
+
+  // "More like this listing": POST ../similar with the card's product id (same ranking as /search).
+  async function runSimilar(item) {
+    clearMessages();
+    statusBox.textContent = "Finding listings like this one\u2026";
+    try {
+      const data = new FormData();
+      data.append("product_id", JSON.stringify(item.product_id));
+      data.append("k", String(parseInt(kSelect.value, 10) || 10));
+      if (category.value) data.append("category", JSON.stringify(category.value));
+      const found = await post("similar", data);
+      results.innerHTML = "";
+      predictionBox.hidden = true;
+      const items = found.results || [];
+      for (const hit of items) results.appendChild(card(hit));
+      results.dataset.similarTo = item.product_id;
+      statusBox.textContent = items.length + " listing" + (items.length === 1 ? "" : "s") + " like \u201c" +
+        (item.product_name || item.product_id) + "\u201d (" + found.index.kind + " index)";
+    } catch (err) {
+      statusBox.textContent = "";
+      showError(err.message || String(err));
+    }
   }
 
   function renderPrediction(pred) {
@@ -133,6 +166,7 @@
       ]);
       renderPrediction(pred);
       const items = found.results || [];
+      delete results.dataset.similarTo;
       for (const item of items) results.appendChild(card(item));
       statusBox.textContent = items.length
         ? items.length + " listing" + (items.length === 1 ? "" : "s") + " found (" + found.index.kind + " index)"

@@ -1,0 +1,417 @@
+"""Ranking on top of nearest neighbours: hybrid lexical + dense retrieval, category-aware re-ranking,
+graded relevance metrics, and the weights fitted on the validation split.
+
+One query's ranking (the service and the evaluation run the same functions):
+
+1. candidates: the ``n_candidates`` best listings of the dense FAISS index and (when the query
+   has text and the index a lexical part) of BM25 (pipeline_steps/lexical.py), their union;
+2. retrieval score, by ``fusion``:
+   * ``dense``: the cosine, min-max scaled over the dense candidates (today's order);
+   * ``blend``: ``(1 - w_lex) * dense_norm + w_lex * lexical_norm``, dense min-max scaled, BM25
+     divided by the query's best BM25 score, a candidate missing from one list scoring 0 there;
+   * ``rrf``: reciprocal rank fusion ``sum 1 / (rrf_k + rank)``, scaled by its best value;
+3. category term: ``w_cat * P(candidate's root category | query)`` from the champion classifier of the
+   query's kind (text, image or multimodal), computed in the same forward pass as the embedding;
+4. final score = retrieval score + category term; ties keep the retrieval order.
+
+Graded relevance (the category path "Root / Sub / Leaf"): gain 3 = same full path, 2 = same first
+two levels, 1 = same root, 0 = other. nDCG@k uses gain ``2^g - 1`` and the ideal ranking of the
+whole index (every listing but the query's own). precision@k = share of the top k in the query's root.
+
+Saved next to each index (``<index dir>/<kind>/ranking/``, written by the index stage, packaged with
+the index, so it is versioned with the model the index was built from)::
+
+    ranking.json     fusion rule and weights (fitted on val), n_candidates, model name+version, val/test metrics
+    probs.npy        (index rows x classes) the classifier's probabilities of every indexed row ("more like this")
+    lexical/         the BM25 index over the listings' text, row i = index row i (text and multimodal kinds)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline_steps.config import require_choice
+from pipeline_steps.errors import ConfigError, DataValidationError
+from pipeline_steps.io_utils import atomic_dir, read_json, write_json
+from pipeline_steps.lexical import BM25Index
+
+logger = logging.getLogger(__name__)
+
+RANKING_DIR = "ranking"
+RANKING_FILE = "ranking.json"
+PROBS_FILE = "probs.npy"
+LEXICAL_DIR = "lexical"
+FUSIONS = ("dense", "blend", "rrf")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class RankingConfig:
+    fusion: str = "blend"
+    lexical_weight: float = 0.5
+    category_weight: float = 0.3
+    n_candidates: int = 100
+    rrf_k: int = 60
+    chosen_on: str = "params"
+
+    def __post_init__(self) -> None:
+        require_choice(self.fusion, "index.ranking.fusion", FUSIONS)
+        if not 0.0 <= float(self.lexical_weight) <= 1.0:
+            raise ConfigError(f"index.ranking.lexical_weight must be in [0, 1], got {self.lexical_weight}")
+        if float(self.category_weight) < 0:
+            raise ConfigError(f"index.ranking.category_weight must be >= 0, got {self.category_weight}")
+        if int(self.n_candidates) < 1 or int(self.rrf_k) < 0:
+            raise ConfigError("index.ranking.n_candidates must be >= 1 and rrf_k >= 0")
+        self.lexical_weight = float(self.lexical_weight)
+        self.category_weight = float(self.category_weight)
+        self.n_candidates = int(self.n_candidates)
+        self.rrf_k = int(self.rrf_k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RankingConfig:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def label(self) -> str:
+        if self.fusion == "dense":
+            base = "dense"
+        elif self.fusion == "rrf":
+            base = f"rrf(k={self.rrf_k})"
+        else:
+            base = f"blend(lexical={self.lexical_weight:g})"
+        return base + (f" + {self.category_weight:g}*P(category)" if self.category_weight else "")
+
+
+@dataclass(frozen=True)
+class RankingSettings:
+    """params.yaml ``index.ranking`` and ``index.lexical``."""
+
+    fusion: str                      # auto | dense | blend | rrf
+    lexical_weight: float | None     # None = fitted on val
+    category_weight: float | None
+    n_candidates: int
+    rrf_k: int
+    fit_metric: str
+    lexical_weight_grid: tuple[float, ...]
+    category_weight_grid: tuple[float, ...]
+    fusion_grid: tuple[str, ...]
+    k1: float
+    b: float
+    title_weight: int
+    min_df: int
+
+    @classmethod
+    def from_params(cls, index_params: Mapping[str, Any]) -> RankingSettings:
+        ranking = dict(index_params.get("ranking") or {})
+        lexical = dict(index_params.get("lexical") or {})
+
+        def weight(key: str) -> float | None:
+            value = ranking.get(key, "auto")
+            return None if value in (None, "auto") else float(value)
+
+        fusion = str(ranking.get("fusion", "auto"))
+        require_choice(fusion, "index.ranking.fusion", ("auto", *FUSIONS))
+        fit_metric = str(ranking.get("fit_metric", "ndcg@10"))
+        if not (fit_metric.startswith("ndcg@") or fit_metric.startswith("precision@")):
+            raise ConfigError(f"index.ranking.fit_metric must be ndcg@K or precision@K, got {fit_metric!r}")
+        fusion_grid = tuple(str(f) for f in ranking.get("fusion_grid", ["blend", "rrf"]))
+        for f in fusion_grid:
+            require_choice(f, "index.ranking.fusion_grid", FUSIONS)
+        return cls(
+            fusion=fusion,
+            lexical_weight=weight("lexical_weight"),
+            category_weight=weight("category_weight"),
+            n_candidates=int(ranking.get("n_candidates", 100)),
+            rrf_k=int(ranking.get("rrf_k", 60)),
+            fit_metric=fit_metric,
+            lexical_weight_grid=tuple(float(x) for x in ranking.get("lexical_weight_grid", [0.0, 0.25, 0.5, 0.75])),
+            category_weight_grid=tuple(float(x) for x in ranking.get("category_weight_grid", [0.0, 0.3, 1.0])),
+            fusion_grid=fusion_grid,
+            k1=float(lexical.get("k1", 1.2)),
+            b=float(lexical.get("b", 0.75)),
+            title_weight=int(lexical.get("title_weight", 2)),
+            min_df=int(lexical.get("min_df", 1)),
+        )
+
+    def candidate_configs(self, has_lexical: bool) -> list[RankingConfig]:
+        """Every configuration the val split chooses from (fixed values stay fixed)."""
+        fusions = [self.fusion] if self.fusion != "auto" else list(self.fusion_grid)
+        if not has_lexical:
+            fusions = ["dense"]
+        lex_grid = [self.lexical_weight] if self.lexical_weight is not None else list(self.lexical_weight_grid)
+        cat_grid = [self.category_weight] if self.category_weight is not None else list(self.category_weight_grid)
+        configs = []
+        for fusion in dict.fromkeys(fusions):
+            lexes = lex_grid if fusion == "blend" else [0.0]
+            for lex, cat in itertools.product(lexes, cat_grid):
+                configs.append(RankingConfig(fusion, lex, cat, self.n_candidates, self.rrf_k, "val"))
+        return configs
+
+
+# --------------------------------------------------------------------------- one query
+
+
+@dataclass
+class Candidates:
+    """One query's candidate pool: the union of the dense and lexical lists."""
+
+    keys: np.ndarray            # product ids (object)
+    dense: np.ndarray           # raw cosine, nan when not among the dense candidates
+    lexical: np.ndarray         # raw BM25, nan when not among the lexical candidates
+    dense_rank: np.ndarray      # 1-based, inf when missing
+    lexical_rank: np.ndarray
+    labels: np.ndarray          # class index of each candidate's root category, -1 unknown
+    proba: np.ndarray           # the query's class probabilities
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def category_prob(self) -> np.ndarray:
+        out = np.zeros(len(self.keys), dtype=np.float64)
+        known = self.labels >= 0
+        if self.proba is not None and len(self.proba):
+            out[known] = np.asarray(self.proba, dtype=np.float64)[self.labels[known]]
+        return out
+
+
+def make_candidates(
+    dense_keys: Sequence[Hashable],
+    dense_scores: Sequence[float],
+    lexical_keys: Sequence[Hashable] | None,
+    lexical_scores: Sequence[float] | None,
+    label_of: Mapping[Hashable, int],
+    proba: np.ndarray | None,
+) -> Candidates:
+    position: dict[Hashable, int] = {}
+    keys: list[Hashable] = []
+    lexical_keys = [] if lexical_keys is None else list(lexical_keys)
+    lexical_scores = [] if lexical_scores is None else list(lexical_scores)
+    for key in list(dense_keys) + lexical_keys:
+        if key not in position:
+            position[key] = len(keys)
+            keys.append(key)
+    n = len(keys)
+    dense = np.full(n, np.nan)
+    lexical = np.full(n, np.nan)
+    dense_rank = np.full(n, np.inf)
+    lexical_rank = np.full(n, np.inf)
+    for rank, (key, score) in enumerate(zip(dense_keys, dense_scores), start=1):
+        i = position[key]
+        if math.isinf(dense_rank[i]):
+            dense[i], dense_rank[i] = float(score), rank
+    for rank, (key, score) in enumerate(zip(lexical_keys, lexical_scores), start=1):
+        i = position[key]
+        if math.isinf(lexical_rank[i]):
+            lexical[i], lexical_rank[i] = float(score), rank
+    labels = np.fromiter((int(label_of.get(key, -1)) for key in keys), dtype=np.int64, count=n)
+    key_array = np.empty(n, dtype=object)
+    key_array[:] = keys
+    return Candidates(key_array, dense, lexical, dense_rank, lexical_rank, labels,
+                      None if proba is None else np.asarray(proba, dtype=np.float64))
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(values))
+    present = ~np.isnan(values)
+    if present.any():
+        lo, hi = values[present].min(), values[present].max()
+        out[present] = (values[present] - lo) / (hi - lo) if hi > lo else 1.0
+    return out
+
+
+def retrieval_scores(c: Candidates, cfg: RankingConfig) -> np.ndarray:
+    if cfg.fusion == "dense" or np.isnan(c.lexical).all():
+        if np.isnan(c.dense).all():  # lexical candidates only (e.g. nothing dense survived a filter)
+            return _scaled_max(c.lexical)
+        return _minmax(c.dense)
+    if cfg.fusion == "rrf":
+        rrf = 1.0 / (cfg.rrf_k + c.dense_rank) + 1.0 / (cfg.rrf_k + c.lexical_rank)
+        return rrf / rrf.max() if len(rrf) and rrf.max() > 0 else rrf
+    return (1.0 - cfg.lexical_weight) * _minmax(c.dense) + cfg.lexical_weight * _scaled_max(c.lexical)
+
+
+def _scaled_max(values: np.ndarray) -> np.ndarray:
+    out = np.nan_to_num(values, nan=0.0)
+    top = out.max() if len(out) else 0.0
+    return out / top if top > 0 else out
+
+
+def rank(c: Candidates, cfg: RankingConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(order, retrieval score, category term, final score), order = candidate positions best first."""
+    retrieval = retrieval_scores(c, cfg)
+    category = cfg.category_weight * c.category_prob if cfg.category_weight else np.zeros(len(retrieval))
+    final = retrieval + category
+    order = np.lexsort((-retrieval, -final))
+    return order, retrieval, category, final
+
+
+# --------------------------------------------------------------------------- graded relevance
+
+
+def path_codes(paths: Sequence[str | None]) -> np.ndarray:
+    """(n, 3) strings: root, first two levels, full path (lower-cased, spaces normalised)."""
+    out = np.empty((len(paths), 3), dtype=object)
+    for i, path in enumerate(paths):
+        parts = [p.strip().lower() for p in str(path or "").split("/") if p.strip()]
+        out[i] = (" / ".join(parts[:1]), " / ".join(parts[:2]), " / ".join(parts))
+    return out
+
+
+def graded_gains(query_codes: np.ndarray, doc_codes: np.ndarray) -> np.ndarray:
+    """(n_queries, n_docs) gains 0..3: same root +1, same first two levels +1, same full path +1."""
+    gains = np.zeros((len(query_codes), len(doc_codes)), dtype=np.int8)
+    for level in range(3):
+        q = pd.Series(query_codes[:, level]).astype(str)
+        d = pd.Series(doc_codes[:, level]).astype(str)
+        cats = pd.Categorical(pd.concat([q, d], ignore_index=True))
+        qc, dc = cats.codes[: len(q)], cats.codes[len(q):]
+        gains += (qc[:, None] == dc[None, :]).astype(np.int8)
+    return gains
+
+
+def ideal_dcg(gain_counts: np.ndarray, k: int) -> float:
+    """Best possible DCG@k given how many documents have gain 3, 2, 1 (``gain_counts[g]``)."""
+    ideal: list[int] = []
+    for g in (3, 2, 1):
+        ideal.extend([g] * int(min(gain_counts[g], k - len(ideal))))
+        if len(ideal) >= k:
+            break
+    return float(sum((2.0 ** g - 1.0) / math.log2(i + 2) for i, g in enumerate(ideal)))
+
+
+@dataclass
+class EvalQuery:
+    candidates: Candidates
+    gains: np.ndarray          # gain of each candidate
+    ideal: dict[int, float]    # k -> ideal DCG
+
+
+def evaluate(queries: Sequence[EvalQuery], cfg: RankingConfig, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Mean precision@k (same root) and graded nDCG@k of ``cfg``'s ranking over ``queries``."""
+    ks = sorted({int(k) for k in ks})
+    totals = {f"precision@{k}": 0.0 for k in ks} | {f"ndcg@{k}": 0.0 for k in ks}
+    if not queries:
+        return {key: float("nan") for key in totals}
+    discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
+    for q in queries:
+        order = rank(q.candidates, cfg)[0][: max(ks)]
+        g = q.gains[order]
+        for k in ks:
+            top = g[:k]
+            totals[f"precision@{k}"] += float((top >= 1).sum()) / k
+            ideal = q.ideal[k]
+            dcg = float(((2.0 ** top - 1.0) * discounts[: len(top)]).sum())
+            totals[f"ndcg@{k}"] += dcg / ideal if ideal > 0 else 0.0
+    return {key: value / len(queries) for key, value in totals.items()}
+
+
+def fit(queries: Sequence[EvalQuery], configs: Sequence[RankingConfig], metric: str,
+        ks: Sequence[int]) -> tuple[RankingConfig, list[dict[str, Any]]]:
+    """The configuration with the best ``metric`` on ``queries`` (the val split), and every score."""
+    ks = sorted({*ks, int(metric.split("@")[1])})
+    table = []
+    best, best_value = None, -math.inf
+    for cfg in configs:
+        scores = evaluate(queries, cfg, ks)
+        table.append({**cfg.to_dict(), **scores})
+        if scores[metric] > best_value + 1e-12:
+            best, best_value = cfg, scores[metric]
+    if best is None:
+        raise DataValidationError("no ranking configuration to fit")
+    return best, table
+
+
+# --------------------------------------------------------------------------- saved files
+
+
+def ranking_dir(index_dir: str | Path) -> Path:
+    return Path(index_dir) / RANKING_DIR
+
+
+def save(index_dir: str | Path, cfg: RankingConfig, probs: np.ndarray, classes: Sequence[str],
+         lexical: BM25Index | None, index_meta: Mapping[str, Any], metrics: Mapping[str, Any]) -> Path:
+    """Write ``<index_dir>/ranking/`` as a whole (atomically)."""
+    target = ranking_dir(index_dir)
+    with atomic_dir(target) as tmp:
+        np.save(tmp / PROBS_FILE, np.asarray(probs, dtype=np.float32))
+        if lexical is not None:
+            lexical.save(tmp / LEXICAL_DIR)
+        write_json(tmp / RANKING_FILE, {
+            "config": cfg.to_dict(),
+            "classes": list(classes),
+            "lexical": None if lexical is None else lexical.meta,
+            "model_name": index_meta.get("model_name"),
+            "model_version": index_meta.get("model_version"),
+            "index_built_at": index_meta.get("built_at"),
+            "metrics": dict(metrics),
+        })
+    return target
+
+
+class MissingRanking(Exception):
+    """An index without (a usable) ranking part: served dense-only."""
+
+
+@dataclass
+class Ranker:
+    """What the service needs to rank one index's results."""
+
+    config: RankingConfig
+    classes: list[str]
+    probs: np.ndarray
+    lexical: BM25Index | None
+    info: dict[str, Any]
+
+    @classmethod
+    def load(cls, index_dir: str | Path, index_meta: Mapping[str, Any], n_rows: int) -> Ranker:
+        """Raise MissingRanking (with the reason) for an old bundle or a ranking of another model version."""
+        directory = ranking_dir(index_dir)
+        path = directory / RANKING_FILE
+        if not path.is_file():
+            raise MissingRanking(f"{directory} not found: the index was built without the ranking part "
+                                 "(re-run the index stage, then the package stage)")
+        info = read_json(path)
+        built_for = (str(info.get("model_name")), str(info.get("model_version")))
+        index_model = (str(index_meta.get("model_name")), str(index_meta.get("model_version")))
+        if built_for != index_model:
+            raise MissingRanking(f"{path} belongs to model {built_for[0]} v{built_for[1]}, the index to "
+                                 f"{index_model[0]} v{index_model[1]}: re-run the index stage")
+        probs = np.load(directory / PROBS_FILE) if (directory / PROBS_FILE).is_file() else None
+        if probs is None or probs.shape[0] != n_rows:
+            raise MissingRanking(f"{directory / PROBS_FILE} is missing or does not have one row per index row")
+        lexical = None
+        if (directory / LEXICAL_DIR).is_dir():
+            lexical = BM25Index.load(directory / LEXICAL_DIR)
+            if lexical.size != n_rows:
+                raise MissingRanking(f"the lexical index has {lexical.size} rows, the index {n_rows}")
+        return cls(RankingConfig.from_dict(info["config"]), list(info.get("classes") or []), probs, lexical, info)
+
+    @property
+    def uses_lexical(self) -> bool:
+        cfg = self.config
+        return self.lexical is not None and (cfg.fusion == "rrf" or (cfg.fusion == "blend" and cfg.lexical_weight > 0))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mode": "hybrid" if self.uses_lexical else ("dense+category" if self.config.category_weight else "dense"),
+            "fusion": self.config.fusion,
+            "lexical_weight": self.config.lexical_weight,
+            "category_weight": self.config.category_weight,
+            "n_candidates": self.config.n_candidates,
+            "rrf_k": self.config.rrf_k,
+            "chosen_on": self.config.chosen_on,
+            "rule": self.config.label(),
+        }
