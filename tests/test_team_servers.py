@@ -148,3 +148,49 @@ def test_make_services_targets_exist():
     makefile = (PROJECT_ROOT / "Makefile").read_text()
     for target in ("services:", "services-down:", "worker:", "deployments:", "push:", "pull:"):
         assert target in makefile
+
+
+@pytest.fixture(scope="module")
+def prefect_server(postgres, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prefect-server")
+    process, api = team_servers.start_prefect(postgres.url("prefect", "asyncpg"), None, folder / "home",
+                                              folder / "prefect.log")
+    yield api
+    team_servers.stop_pid(process.pid)
+
+
+def test_deployment_run_from_the_api_is_executed_by_a_process_worker(prefect_server, tmp_path):
+    """Work pool + a stage's deployment created from code; a run triggered through the API is picked
+    up by `prefect worker start` (process type) and runs the validate stage's real code."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import deployments
+    from tests.flow_helpers import path_overrides, tiny_raw_export
+
+    pool = "test-process-pool"
+    raw = tiny_raw_export(tmp_path / "raw")
+    overrides = path_overrides(tmp_path / "work", raw)
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PYTHONPATH": str(PROJECT_ROOT)}
+    worker = subprocess.Popen(deployments.worker_command(pool, "process"), cwd=PROJECT_ROOT, env=env,
+                              stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+            (deployment_id,) = deployments.deploy(["validate"], pool, name="test")
+            flow_run = deployments.run("validate", overrides, name="test", timeout_s=600)
+            assert flow_run.state.is_completed(), (flow_run.state, (tmp_path / "worker.log").read_text()[-3000:])
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+                assert [str(r.id) for r in runs] == [str(flow_run.id)]
+                assert runs[0].state.is_completed()
+                pool_info = client.read_work_pool(pool)
+                assert pool_info.type == "process"
+        # the stage's real outputs, written by the worker's flow-run process
+        assert (tmp_path / "work" / "validated" / "products.parquet").is_file()
+        assert (tmp_path / "work" / "metrics" / "validate.json").is_file()
+    finally:
+        team_servers.stop_pid(worker.pid)
