@@ -16,8 +16,6 @@ from typing import Any
 
 from prefect import flow, task
 
-from mlflow.exceptions import MlflowException
-
 from flows import tracking
 from flows.common import base_parser, load_params, path_of, run_cli
 from flows.evaluate import MODEL_RUN_KEY, SPLIT_HASH_KEY, score_model
@@ -133,14 +131,11 @@ def register_flow(params: str | None = None, overrides: list[str] | None = None,
     registry.require_tracking_server(uri)  # a stopped server: one message naming it, within seconds
     decisions: dict[str, Any] = {}
     for kind in kinds:
-        try:
+        # If the server goes away mid-stage: one message naming it. A version is created with its
+        # metric tags in one request and aliases move only to READY versions, so nothing
+        # half-registered is left; a rerun reuses the versions of runs already registered.
+        with registry.tracking_guard(uri):
             decisions[kind] = promote_task(kind, register_task(kind, settings), settings)
-        except (MlflowException, OSError) as error:
-            # The server went away mid-stage. A version is created with its metric tags in one
-            # request and aliases move only to READY versions, so nothing half-registered is left;
-            # a rerun reuses the versions of runs already registered.
-            registry.require_tracking_server(uri, attempts=2)
-            raise  # the server answers: a real failure, keep its traceback
         # one model at a time: a later failure leaves the earlier decisions on record
         summary = read_json(summary_path) if summary_path.is_file() else {}
         summary[kind] = decisions[kind]

@@ -118,6 +118,21 @@ def require_tracking_server(uri: str, attempts: int = 3, timeout_s: float = 5.0,
     )
 
 
+@contextlib.contextmanager
+def tracking_guard(uri: str) -> Iterator[None]:
+    """Around registry calls: when one fails because the server went away mid-stage, say so.
+
+    The failure is re-checked with require_tracking_server: a server that no longer answers
+    becomes TrackingUnavailable naming the URI; a server that answers means a real error,
+    re-raised as it was (traceback kept).
+    """
+    try:
+        yield
+    except (MlflowException, OSError):
+        require_tracking_server(uri, attempts=2)
+        raise
+
+
 def bound_http_retries() -> None:
     for key, value in HTTP_RETRY_ENV.items():
         os.environ.setdefault(key, value)

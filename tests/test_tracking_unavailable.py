@@ -89,3 +89,16 @@ def test_register_stage_with_the_server_stopped_exits_with_the_uri(tmp_path: Pat
     assert f"error: the MLflow tracking server at {uri} does not answer" in done.stderr
     assert "Traceback" not in output
     assert not (tmp_path / "registry.json").exists()
+
+
+def test_a_server_lost_mid_stage_is_named_not_a_connection_traceback() -> None:
+    from mlflow.exceptions import MlflowException
+
+    uri = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(registry.TrackingUnavailable, match=uri):
+        with registry.tracking_guard(uri):
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/registered-models/alias failed")
+    # a local store that answers: the original error, unchanged
+    with pytest.raises(MlflowException, match="real problem"):
+        with registry.tracking_guard("sqlite:////tmp/x.db"):
+            raise MlflowException("real problem")
