@@ -302,8 +302,10 @@ class ImageClassifier(nn.Module):
         embedding_dim: int = 256,
         dropout: float = 0.2,
         weights_spec: Mapping[str, Any] | None = None,
+        feature_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.feature_dropout = nn.Dropout(feature_dropout)  # on the backbone features, training only
         self.backbone_name = backbone
         self.backbone, self.feature_dim = build_backbone(backbone, weights_spec)
         self.embedding = nn.Linear(self.feature_dim, embedding_dim)
@@ -317,7 +319,7 @@ class ImageClassifier(nn.Module):
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
         """The head's penultimate layer from backbone features (frozen mode trains on stored features)."""
-        return torch.relu(self.embedding(features))
+        return torch.relu(self.embedding(self.feature_dropout(features)))
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.classify_embedding(self.embed_features(features))
@@ -377,6 +379,7 @@ def build_image_classifier(image_params: Mapping[str, Any], n_classes: int, pret
         embedding_dim=int(image_params.get("embedding_dim", 256)),
         dropout=float(image_params.get("dropout", 0.2)),
         weights_spec=weights_spec,
+        feature_dropout=float(image_params.get("feature_dropout", 0.0) or 0.0),
     )
     if pretrained:
         freeze = require_choice(image_params.get("freeze_backbone", "auto"), "train.image.freeze_backbone", FREEZE_CHOICES)

@@ -625,6 +625,7 @@ class FeatureHead(nn.Module):
     def train(self, mode: bool = True) -> FeatureHead:
         nn.Module.train(self, False)  # the backbone is never run here: keep it (and its BN) in eval mode
         self.model.embedding.train(mode)
+        self.model.feature_dropout.train(mode)
         self.model.dropout.train(mode)
         self.model.classifier.train(mode)
         self.training = mode
@@ -711,6 +712,7 @@ def train_image_classifier(
                 "feature_dim": model.feature_dim,
                 "embedding_dim": model.embedding_dim,
                 "dropout": float(params.get("dropout", 0.2)),
+                "feature_dropout": float(params.get("feature_dropout", 0.0) or 0.0),
                 "n_classes": len(data.classes),
                 "initial_weights": weights_spec,
                 "mode": mode,
