@@ -322,7 +322,7 @@ def _parse_hint(text: str, delimiter: str) -> str:
     """The likely cause of a tokenizing error, so the user looks at the right thing."""
     header = text.lstrip("\ufeff").split("\n", 1)[0]
     if "\x00" in header:
-        return ("The header holds NUL bytes: the file looks like UTF-16/UTF-32 without a byte-order mark; "
+        return ("The header holds NUL bytes: the file looks like UTF-16 or UTF-32 without a byte-order mark; "
                 "re-save it as UTF-8.")
     others = [d for d in DELIMITERS if d != delimiter and header.count(d) > header.count(delimiter)]
     if others:
@@ -359,7 +359,10 @@ def _check_required_columns(frame: pd.DataFrame, path: Path, spec: CsvSpec) -> N
     for column in missing:
         if column.lower() in lowered:
             hints.append(f"'{lowered[column.lower()]}' looks like '{column}' with different case")
-    if len(present) <= 2 and sum(name in present[-1] for name in spec.required) >= 2:
+    if any("\x00" in column for column in present):
+        hints.append("the header holds NUL bytes: the file looks like UTF-16 or UTF-32 without a byte-order mark; "
+                     "re-save it as UTF-8")
+    elif len(present) <= 2 and sum(name in present[-1] for name in spec.required) >= 2:
         hints.append("the header did not split into columns: check the delimiter")
     hint = f" ({'; '.join(hints)})" if hints else ""
     noun = "column" if len(missing) == 1 else "columns"

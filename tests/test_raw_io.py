@@ -307,3 +307,11 @@ def test_nul_bytes_inside_a_utf8_field_are_not_mistaken_for_utf16(tmp_path: Path
     frame = read_products_csv(_export(tmp_path, "\n".join([HEADER, row, ROW_B]) + "\n", "utf-8"))
     assert frame.attrs["encoding"] == "utf-8"
     assert frame.loc[0, "product_description"] == "Comfy" + "\x00" * 40 + "sofa"
+
+
+def test_a_header_full_of_nul_bytes_says_utf16_without_bom(tmp_path: Path) -> None:
+    """Too short a sample for the UTF-16 heuristic, or mixed with NUL-free bytes: the message still says why."""
+    path = tmp_path / "Products.csv"
+    path.write_bytes(HEADER.encode("utf-16-le")[:60] + b"\n0,p1,x\n" * 40)
+    with pytest.raises(DataValidationError, match=r"looks like UTF-16 or UTF-32 without a byte-order mark"):
+        read_products_csv(path)
