@@ -294,18 +294,10 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def update_markdown(path: Path, section: str) -> None:
     """Replace the "## FAISS alone" section of ``path`` (up to the next ``## ``), or append it."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION_HEADING), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from markdown_report import replace_section  # benchmarks/markdown_report.py
+
+    replace_section(path, SECTION_HEADING, section)
 
 
 def main(argv: list[str] | None = None) -> int:

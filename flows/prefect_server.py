@@ -93,10 +93,21 @@ def choose_port(preferred: int, host: str = "127.0.0.1", tries: int = 50) -> int
     raise PrefectApiError(f"ports {preferred}-{preferred + tries - 1} on {host} are all taken; set PREFECT_PORT to a free port")
 
 
+#: Background services a server started for one pipeline run does not need (schedules, late-run
+#: and heartbeat bookkeeping, automations): off, so the server leaves the 2 cores to the stages.
+#: The event persister and task-run recorder stay on: the UI's run and task views need them.
+IDLE_SERVICES_OFF = {
+    f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false"
+    for name in ("SCHEDULER", "LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "CANCELLATION_CLEANUP", "TRIGGERS")
+}
+
+
 def server_env(port: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of the server and of the commands that use it."""
     env = dict(os.environ if environ is None else environ)
     runtime_env.apply(env)
+    for key, value in IDLE_SERVICES_OFF.items():
+        env.setdefault(key, value)
     api_url = f"http://127.0.0.1:{port}/api"
     env[API_ENV] = api_url
     env["PREFECT_UI_API_URL"] = api_url  # else the UI of a server off port 4200 calls :4200
@@ -228,12 +239,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --, e.g. `python -m flows.prefect_server -- dvc repro`")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # while the server starts: stop it on the way out
     try:
         with prefect_api(port=args.port, keep=args.keep) as env:
             return run_command(command, env)
     except PrefectApiError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_API_UNAVAILABLE
+    except KeyboardInterrupt:
+        print("prefect-server: stopped", file=sys.stderr)
+        return 130
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+"""Write a benchmark's results into its own section of BENCHMARKS.md (regenerated, never typed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """Replace the `heading` section of `path` (up to the next ``## ``), or append it.
+
+    Args:
+        path: the Markdown file (created when missing).
+        heading: the section's heading line, e.g. ``## FAISS alone``.
+        section: the new section, starting with that heading.
+    """
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading.strip()), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, path)
