@@ -19,6 +19,10 @@ from pipeline_steps.config import existing_dir, require_choice
 
 NEURAL = ("image", "text", "multimodal")
 MODELS = ("baselines", "price", *NEURAL)
+#: `--model` names that train several models in one process. The scikit-learn models share
+#: their inputs and settings, so one DVC stage (train_sklearn) trains them and pays the
+#: process start and imports once.
+GROUPS = {"all": MODELS, "sklearn": ("baselines", "price")}
 
 
 def _shared_train_params(settings: dict[str, Any]) -> dict[str, Any]:
@@ -27,7 +31,7 @@ def _shared_train_params(settings: dict[str, Any]) -> dict[str, Any]:
 
 @task(name="train-neural-model", retries=0)
 def train_neural_task(kind: str, settings: dict[str, Any], resume: bool) -> str:
-    # Imported here: the train_baselines and train_price stages never pay for torch.
+    # Imported here: the train_sklearn stage never pays for torch.
     from pipeline_steps import training
 
     clean_dir = existing_dir(settings, "data.clean_dir")
@@ -86,8 +90,8 @@ def train_flow(
     params: str | None = None, overrides: list[str] | None = None, model: str = "all", resume: bool = False
 ) -> list[str]:
     settings = load_params(params, overrides or [])
-    require_choice(model, "--model", ("all", *MODELS))
-    kinds = MODELS if model == "all" else (model,)
+    require_choice(model, "--model", (*GROUPS, *MODELS))
+    kinds = GROUPS.get(model, (model,))
     written: list[str] = []
     for kind in kinds:
         if kind in NEURAL:
@@ -100,7 +104,7 @@ def train_flow(
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("Train the category classifiers, the price estimator and the baselines.")
-    parser.add_argument("--model", default="all", choices=("all", *MODELS))
+    parser.add_argument("--model", default="all", choices=(*GROUPS, *MODELS))
     parser.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
     run_cli(train_flow, parser, argv)
 
