@@ -58,8 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params.yaml override, e.g. train.image.epochs=20 (YAML value)")
     parser.add_argument("--reuse", action="store_true", help="reuse model directories already in --work-dir/models")
     parser.add_argument("--skip", default="", help="comma-separated models not to train/score (e.g. price,pixel-baseline)")
+    parser.add_argument("--merge", action="store_true", help="keep the models/indexes of an existing --out file that this run does not score")
+    parser.add_argument("--update-readme", type=Path, help="replace the block between README_MARKERS in this file with the Markdown")
+    parser.add_argument("--markdown-only", action="store_true", help="re-render the Markdown (and README block) from --out's JSON")
     args = parser.parse_args(argv)
-    if not args.raw_dir and not args.clean_dir:
+    if not args.raw_dir and not args.clean_dir and not args.markdown_only:
         parser.error("give --raw-dir or --clean-dir")
     return args
 
@@ -263,8 +266,28 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_MARKERS = ("<!-- real_data_report:start -->", "<!-- real_data_report:end -->")
+
+
+def update_readme(path: Path, text: str) -> None:
+    content = path.read_text(encoding="utf-8")
+    start, end = README_MARKERS
+    if start not in content or end not in content:
+        raise SystemExit(f"{path} has no {start} ... {end} block to replace")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{text}{end}{tail}", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.markdown_only:
+        text = markdown(json.loads(args.out.read_text(encoding="utf-8")))
+        args.out.with_suffix(".md").write_text(text, encoding="utf-8")
+        if args.update_readme:
+            update_readme(args.update_readme, text)
+        print(text)
+        return
     settings = load_settings(args)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     skip = {s for s in args.skip.split(",") if s}
@@ -272,6 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     clean_info["clean_dir"] = str(clean)
     timings = train_all(clean, settings, args.reuse, skip)
     models, indexes = score_all(clean, settings, skip)
+    if args.merge and args.out.is_file():
+        previous = json.loads(args.out.read_text(encoding="utf-8"))
+        models = {**previous.get("models", {}), **models}
+        indexes = {**previous.get("indexes", {}), **indexes}
+        timings = {**previous.get("training_seconds", {}), **timings}
     report = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/real_data_report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -284,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     args.out.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
+    if args.update_readme:
+        update_readme(args.update_readme, markdown(report))
     print(markdown(report))
 
 

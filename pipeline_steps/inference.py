@@ -16,6 +16,7 @@ truncated to the training max_length.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,7 +100,10 @@ def build_module(config: dict[str, Any], model_dir: str | Path) -> LoadedModel:
     tower_architecture = {key: value for key, value in architecture["text_tower"].items() if key != "wide"}
     text_tower, tokenizer = _text_module(tower_architecture, n_classes, model_dir / tower_architecture.get("encoder_dir", "encoder"))
     image_input = architecture.get("image_input", "head")
-    fusion = models.build_fusion_head(architecture, models.image_input_dim(image_tower, image_input), text_tower.embedding_dim, n_classes)
+    text_head = copy.deepcopy(text_tower.head) if architecture.get("fusion", "concat") == "residual" else None
+    fusion = models.build_fusion_head(
+        architecture, models.image_input_dim(image_tower, image_input), text_tower.embedding_dim, n_classes, text_head=text_head
+    )
     wide_layer = models.WideLinear(wide_features, n_classes) if wide_features else None
     module = models.MultimodalClassifier(
         image_tower, text_tower, fusion, architecture.get("image_pooling", "mean"), wide=wide_layer, image_input=image_input

@@ -805,7 +805,14 @@ class FusionHead(nn.Module):
     """
 
     def __init__(
-        self, image_dim: int, text_dim: int, hidden_dim: int, n_classes: int, dropout: float = 0.2, modality_dropout: float = 0.2
+        self,
+        image_dim: int,
+        text_dim: int,
+        hidden_dim: int,
+        n_classes: int,
+        dropout: float = 0.2,
+        modality_dropout: float = 0.2,
+        text_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.image_norm = nn.LayerNorm(image_dim)
@@ -817,6 +824,46 @@ class FusionHead(nn.Module):
         self.classifier = nn.Linear(hidden_dim, n_classes)
         self.modality_dropout = float(modality_dropout)
         self.embedding_dim = hidden_dim
+        # Residual fusion (`train.multimodal.fusion: residual`): logits = the text model's own head on the
+        # text (initialised from the trained text tower) + a learned linear read-out of the photo + the
+        # concat path, the last two starting at zero. Training starts from the text model's predictions
+        # and learns how much each class should move on photo evidence (early stopping on val loss).
+        self.text_head = text_head
+        self.image_logits: nn.Linear | None = None
+        if text_head is not None:
+            self.image_logits = nn.Linear(image_dim, n_classes)
+            for layer in (self.image_logits, self.classifier):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    @property
+    def residual(self) -> bool:
+        return self.text_head is not None
+
+    def _residual_logits(
+        self, image_emb: torch.Tensor, image_present: torch.Tensor, text_emb: torch.Tensor, text_present: torch.Tensor
+    ) -> torch.Tensor:
+        text = self.text_head(text_emb.float())
+        image = self.image_logits(self.image_norm(image_emb.float()))
+        zeros = torch.zeros_like(text)
+        return torch.where(text_present[:, None], text, zeros) + torch.where(image_present[:, None], image, zeros)
+
+    def logits_and_embedding(
+        self,
+        image_emb: torch.Tensor,
+        image_present: torch.Tensor,
+        text_emb: torch.Tensor,
+        text_present: torch.Tensor,
+        wide: WideLinear | None = None,
+        **wide_inputs: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits, fused embedding) in one pass (modality dropout applies in training)."""
+        image_present, text_present = self._present(image_present, text_present)
+        embedding = self._fuse(image_emb, image_present, text_emb, text_present)
+        logits = self.classify(embedding, text_present, wide, **wide_inputs)
+        if self.residual:
+            logits = logits + self._residual_logits(image_emb, image_present, text_emb, text_present)
+        return logits, embedding
 
     def _drop_modalities(self, image_present: torch.Tensor, text_present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         both = image_present & text_present
@@ -853,9 +900,7 @@ class FusionHead(nn.Module):
     ) -> torch.Tensor:
         """Class logits; with a wide branch, its logits are added on the rows whose text the head saw
         (a text hidden by the modality dropout hides its TF-IDF features too)."""
-        image_present, text_present = self._present(image_present, text_present)
-        embedding = self._fuse(image_emb, image_present, text_emb, text_present)
-        return self.classify(embedding, text_present, wide, **wide_inputs)
+        return self.logits_and_embedding(image_emb, image_present, text_emb, text_present, wide, **wide_inputs)[0]
 
     def classify(
         self, embedding: torch.Tensor, text_present: torch.Tensor, wide: WideLinear | None = None, **wide_inputs: torch.Tensor
@@ -948,8 +993,8 @@ class MultimodalClassifier(nn.Module):
 
     def logits_and_embedding(self, pixels, image_owner, input_ids, attention_mask, text_present, image_features=None, **wide_inputs) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001, ANN003
         """(logits, fused embedding) in one pass (inference: eval mode, no modality dropout)."""
-        embedding = self.fusion.embed(*self.tower_embeddings(pixels, image_owner, input_ids, attention_mask, text_present, image_features))
-        return self.fusion.classify(embedding, text_present, self.wide, **wide_inputs), embedding
+        towers = self.tower_embeddings(pixels, image_owner, input_ids, attention_mask, text_present, image_features)
+        return self.fusion.logits_and_embedding(*towers, self.wide, **wide_inputs)
 
 
 class FusionWithWide(nn.Module):
@@ -964,8 +1009,19 @@ class FusionWithWide(nn.Module):
         return self.fusion(image_emb, image_present, text_emb, text_present, self.wide, **wide_inputs)
 
 
-def build_fusion_head(multimodal_params: Mapping[str, Any], image_dim: int, text_dim: int, n_classes: int) -> FusionHead:
+FUSIONS = ("concat", "residual")
+
+
+def build_fusion_head(
+    multimodal_params: Mapping[str, Any], image_dim: int, text_dim: int, n_classes: int, text_head: nn.Module | None = None
+) -> FusionHead:
+    """`fusion: concat` (LayerNorm'd embeddings -> hidden -> logits) or `residual` (the text tower's head
+    `text_head`, copied, + zero-initialised photo and concat terms); a residual head rebuilt for
+    inference gets a same-shaped `text_head` whose weights come from model.pt."""
     require_choice(multimodal_params.get("image_pooling", "mean"), "train.multimodal.image_pooling", IMAGE_POOLING)
+    fusion = require_choice(multimodal_params.get("fusion", "concat"), "train.multimodal.fusion", FUSIONS)
+    if fusion == "residual" and text_head is None:
+        raise ValueError("a residual fusion head needs the text tower's head")
     return FusionHead(
         image_dim,
         text_dim,
@@ -973,4 +1029,5 @@ def build_fusion_head(multimodal_params: Mapping[str, Any], image_dim: int, text
         n_classes=n_classes,
         dropout=float(multimodal_params.get("dropout", 0.2)),
         modality_dropout=float(multimodal_params.get("modality_dropout", 0.2)),
+        text_head=text_head if fusion == "residual" else None,
     )

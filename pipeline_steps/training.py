@@ -26,6 +26,7 @@ MLflow is not imported here: the flow passes `on_epoch_end` to log metrics.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -1010,7 +1011,10 @@ def train_multimodal_classifier(
 
     seed_everything(settings.seed)
     with deterministic(settings.num_threads):
-        fusion = models.build_fusion_head(params, models.image_input_dim(image_tower, image_input), text_tower.embedding_dim, len(data.classes))
+        fusion = models.build_fusion_head(
+            params, models.image_input_dim(image_tower, image_input), text_tower.embedding_dim, len(data.classes),
+            text_head=copy.deepcopy(text_tower.head),  # used by `fusion: residual` only
+        )
         splits = {s: data.products_of(s) for s in ("train", "val")}
         featurizer, wide, wide_source = _multimodal_wide(params, use_wide, wide_opt, text_loaded, splits["train"]["text"].tolist(), len(data.classes))
         text_tower.wide = None  # the multimodal model adds its own wide logits (`model.wide`), not the tower's
@@ -1072,6 +1076,7 @@ def train_multimodal_classifier(
                 "type": "MultimodalClassifier",
                 "image_pooling": pooling,
                 "image_input": image_input,
+                "fusion": "residual" if fusion.residual else "concat",
                 "hidden_dim": fusion.embedding_dim,
                 "dropout": float(params.get("dropout", 0.2)),
                 "modality_dropout": fusion.modality_dropout,

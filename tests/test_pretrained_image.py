@@ -225,20 +225,20 @@ def test_odd_photos_are_converted_not_crashed(image: Image.Image) -> None:
     assert pixels.min() >= -1.0 - 1e-5 and pixels.max() <= 1.0 + 1e-5
 
 
-@pytest.mark.parametrize("image_input", ["backbone", "head"])
+@pytest.mark.parametrize(("image_input", "fusion"), [("backbone", "concat"), ("head", "residual")])
 def test_multimodal_fuses_the_pretrained_image_vector_and_answers_without_a_photo(
-    tiny: tuple[Path, dict[str, Any]], tmp_path: Path, image_input: str
+    tiny: tuple[Path, dict[str, Any]], tmp_path: Path, image_input: str, fusion: str
 ) -> None:
     clean, params = tiny
     params = copy.deepcopy(params)
     params["train"]["image"].update(mode="frozen", features_dir=str(tmp_path / "features"))
-    params["train"]["multimodal"].update(image_input=image_input, epochs=1)
+    params["train"]["multimodal"].update(image_input=image_input, fusion=fusion, epochs=1)
     models_dir = tmp_path / "models"
     training.train_image_classifier(clean, params["train"], models_dir / "image", progress=False)
     training.train_text_classifier(clean, params["train"], models_dir / "text", progress=False)
     result = training.train_multimodal_classifier(clean, params["train"], models_dir / "image", models_dir / "text", models_dir / "multimodal", progress=False)
     architecture = result.config["architecture"]
-    assert architecture["image_input"] == image_input
+    assert architecture["image_input"] == image_input and architecture["fusion"] == fusion
     assert architecture["image_dim"] == (1280 if image_input == "backbone" else architecture["image_tower"]["embedding_dim"])
     classifier = inference.load_classifier(models_dir / "multimodal", device="cpu")
     photo = Image.new("RGB", (30, 20), (0, 90, 200))
@@ -248,3 +248,18 @@ def test_multimodal_fuses_the_pretrained_image_vector_and_answers_without_a_phot
     direct = inference.predict_split(classifier, clean, "test", progress=False)
     cached = inference.predict_split(classifier, clean, "test", progress=False, feature_cache_dir=tmp_path / "features")
     np.testing.assert_allclose(direct.embeddings, cached.embeddings, atol=1e-4)
+
+
+def test_residual_fusion_starts_from_the_text_model() -> None:
+    """Zero-initialised photo and concat terms: before training, the fused logits are the text head's."""
+    torch.manual_seed(0)
+    text_head = models.MLPHead(8, 6, 3)
+    fusion = models.build_fusion_head({"fusion": "residual", "hidden_dim": 4}, 5, 8, 3, text_head=text_head).eval()
+    image, text = torch.randn(2, 5), torch.randn(2, 8)
+    present = torch.tensor([True, True])
+    logits, _ = fusion.logits_and_embedding(image, present, text, present)
+    assert torch.allclose(logits, text_head(text), atol=1e-6)
+    no_text, _ = fusion.logits_and_embedding(image, present, text, torch.tensor([False, False]))
+    assert torch.allclose(no_text, torch.zeros_like(no_text))  # photo-only rows: learned, not the text head
+    with pytest.raises(ConfigError, match=r"train\.multimodal\.fusion"):
+        models.build_fusion_head({"fusion": "gated"}, 5, 8, 3)
