@@ -23,7 +23,7 @@ from flows.common import path_of
 from pipeline_steps.config import existing_dir
 from pipeline_steps.embeddings import load_embeddings
 from pipeline_steps.index import SimilarityIndex
-from pipeline_steps.inference import read_config
+from pipeline_steps.io_utils import read_json
 from pipeline_steps.ranking import RankingSettings
 from pipeline_steps.ranking_eval import KindData, fit_and_report, headline
 
@@ -56,7 +56,7 @@ def ranking_task(models: dict[str, tuple[str, str, str]], settings: dict[str, An
         if not stored.ids["product_id"].astype(str).equals(probs.ids["product_id"].astype(str)):
             raise ValueError(f"{kind}: stored probabilities and embeddings have different rows; re-run the index stage")
         index = SimilarityIndex.load(index_root / kind, use_gpu=False)
-        classes = [str(c) for c in read_config(model_dir)["classes"]]
+        classes = [str(c) for c in read_json(Path(model_dir) / "config.json")["classes"]]
         kinds[kind] = KindData(index, stored.vectors, stored.ids, probs.vectors, classes)
     products = pd.read_parquet(existing_dir(settings, "data.clean_dir") / "products.parquet")
     report = fit_and_report(kinds, products, ranking_settings, ks=settings["index"]["eval_k"],

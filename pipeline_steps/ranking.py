@@ -64,6 +64,8 @@ class RankingConfig:
     n_candidates: int = 100
     rrf_k: int = 60
     chosen_on: str = "params"
+    neighbour_weight: float = 0.0
+    neighbour_k: int = 10
 
     def __post_init__(self) -> None:
         require_choice(self.fusion, "index.ranking.fusion", FUSIONS)
@@ -77,6 +79,10 @@ class RankingConfig:
         self.category_weight = float(self.category_weight)
         self.n_candidates = int(self.n_candidates)
         self.rrf_k = int(self.rrf_k)
+        self.neighbour_weight = float(self.neighbour_weight)
+        self.neighbour_k = int(self.neighbour_k)
+        if self.neighbour_weight < 0 or self.neighbour_k < 1:
+            raise ConfigError("index.ranking.neighbour_weight must be >= 0 and neighbour_k >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,7 +99,8 @@ class RankingConfig:
             base = f"rrf(k={self.rrf_k})"
         else:
             base = f"blend(lexical={self.lexical_weight:g})"
-        return base + (f" + {self.category_weight:g}*P(category)" if self.category_weight else "")
+        return (base + (f" + {self.category_weight:g}*P(category)" if self.category_weight else "")
+                + (f" + {self.neighbour_weight:g}*share(top {self.neighbour_k})" if self.neighbour_weight else ""))
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,9 @@ class RankingSettings:
     lexical_weight_grid: tuple[float, ...]
     category_weight_grid: tuple[float, ...]
     fusion_grid: tuple[str, ...]
+    neighbour_weight: float | None
+    neighbour_weight_grid: tuple[float, ...]
+    neighbour_k: int
     k1: float
     b: float
     title_weight: int
@@ -141,6 +151,9 @@ class RankingSettings:
             lexical_weight_grid=tuple(float(x) for x in ranking.get("lexical_weight_grid", [0.0, 0.25, 0.5, 0.75])),
             category_weight_grid=tuple(float(x) for x in ranking.get("category_weight_grid", [0.0, 0.3, 1.0])),
             fusion_grid=fusion_grid,
+            neighbour_weight=weight("neighbour_weight"),
+            neighbour_weight_grid=tuple(float(x) for x in ranking.get("neighbour_weight_grid", [0.0])),
+            neighbour_k=int(ranking.get("neighbour_k", 10)),
             k1=float(lexical.get("k1", 1.2)),
             b=float(lexical.get("b", 0.75)),
             title_weight=int(lexical.get("title_weight", 2)),
@@ -154,11 +167,12 @@ class RankingSettings:
             fusions = ["dense"]
         lex_grid = [self.lexical_weight] if self.lexical_weight is not None else list(self.lexical_weight_grid)
         cat_grid = [self.category_weight] if self.category_weight is not None else list(self.category_weight_grid)
+        nb_grid = [self.neighbour_weight] if self.neighbour_weight is not None else list(self.neighbour_weight_grid)
         configs = []
         for fusion in dict.fromkeys(fusions):
             lexes = lex_grid if fusion == "blend" else [0.0]
-            for lex, cat in itertools.product(lexes, cat_grid):
-                configs.append(RankingConfig(fusion, lex, cat, self.n_candidates, self.rrf_k, "val"))
+            for lex, cat, nb in itertools.product(lexes, cat_grid, nb_grid):
+                configs.append(RankingConfig(fusion, lex, cat, self.n_candidates, self.rrf_k, "val", nb, self.neighbour_k))
         return configs
 
 
@@ -249,10 +263,43 @@ def _scaled_max(values: np.ndarray) -> np.ndarray:
     return out / top if top > 0 else out
 
 
-def rank(c: Candidates, cfg: RankingConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(order, retrieval score, category term, final score), order = candidate positions best first."""
-    retrieval = retrieval_scores(c, cfg)
+def neighbour_share(c: Candidates, retrieval: np.ndarray, k: int) -> np.ndarray:
+    """Per candidate: the retrieval-score-weighted share of the ``k`` best-retrieved candidates in its
+    root category (a k-nearest-neighbour vote on the category, beside the classifier's)."""
+    out = np.zeros(len(retrieval))
+    if not len(retrieval):
+        return out
+    top = np.argsort(-retrieval, kind="stable")[:k]
+    top = top[c.labels[top] >= 0]
+    weights = np.clip(retrieval[top], 0.0, None)
+    if not len(top) or weights.sum() <= 0:
+        return out
+    share = np.bincount(c.labels[top], weights=weights, minlength=int(c.labels.max()) + 1) / weights.sum()
+    known = c.labels >= 0
+    out[known] = share[c.labels[known]]
+    return out
+
+
+def rank(c: Candidates, cfg: RankingConfig, cache: dict[Any, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(order, retrieval score, category term, final score), order = candidate positions best first.
+
+    The category term is ``category_weight * P(category | query) + neighbour_weight * neighbour share``.
+    ``cache`` (per query) keeps retrieval scores between configurations that share the fusion."""
+    key = (cfg.fusion, cfg.lexical_weight, cfg.rrf_k)
+    retrieval = None if cache is None else cache.get(key)
+    if retrieval is None:
+        retrieval = retrieval_scores(c, cfg)
+        if cache is not None:
+            cache[key] = retrieval
     category = cfg.category_weight * c.category_prob if cfg.category_weight else np.zeros(len(retrieval))
+    if cfg.neighbour_weight:
+        nkey = (*key, "nb", cfg.neighbour_k)
+        share = None if cache is None else cache.get(nkey)
+        if share is None:
+            share = neighbour_share(c, retrieval, cfg.neighbour_k)
+            if cache is not None:
+                cache[nkey] = share
+        category = category + cfg.neighbour_weight * share
     final = retrieval + category
     order = np.lexsort((-retrieval, -final))
     return order, retrieval, category, final
@@ -307,7 +354,7 @@ def evaluate(queries: Sequence[EvalQuery], cfg: RankingConfig, ks: Sequence[int]
         return {key: float("nan") for key in totals}
     discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
     for q in queries:
-        order = rank(q.candidates, cfg)[0][: max(ks)]
+        order = rank(q.candidates, cfg, q.candidates.extra)[0][: max(ks)]
         g = q.gains[order]
         for k in ks:
             top = g[:k]
@@ -412,6 +459,8 @@ class Ranker:
             "category_weight": self.config.category_weight,
             "n_candidates": self.config.n_candidates,
             "rrf_k": self.config.rrf_k,
+            "neighbour_weight": self.config.neighbour_weight,
+            "neighbour_k": self.config.neighbour_k,
             "chosen_on": self.config.chosen_on,
             "rule": self.config.label(),
         }

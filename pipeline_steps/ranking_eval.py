@@ -136,7 +136,8 @@ def reference_configs(chosen: RankingConfig, has_lexical: bool) -> dict[str, Ran
         refs["rrf"] = RankingConfig("rrf", 0.0, 0.0, n, rrf_k, "fixed")
         refs["blend 0.5"] = RankingConfig("blend", 0.5, 0.0, n, rrf_k, "fixed")
         refs["hybrid (chosen, no category)"] = RankingConfig(chosen.fusion, chosen.lexical_weight, 0.0, n, rrf_k, "val")
-    refs["dense + category"] = RankingConfig("dense", 0.0, chosen.category_weight, n, rrf_k, "val")
+    refs["dense + category"] = RankingConfig("dense", 0.0, chosen.category_weight, n, rrf_k, "val",
+                                             chosen.neighbour_weight, chosen.neighbour_k)
     refs["chosen: " + chosen.label()] = chosen
     return refs
 

@@ -9,6 +9,7 @@ service starts, ranks by cosine as before, and says so in `/metadata` ("ranking"
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -94,7 +95,7 @@ class IndexRanking:
         """The k best results: product id, image id, and the score parts (final, retrieval, category term)."""
         cands, cfg, image_of = self.candidates(vector, proba, text, query_row, k, mask, exclude)
         if proba is None:
-            cfg = RankingConfig(cfg.fusion, cfg.lexical_weight, 0.0, cfg.n_candidates, cfg.rrf_k, cfg.chosen_on)
+            cfg = dataclasses.replace(cfg, category_weight=0.0)
         order, retrieval, category, final = rank(cands, cfg)
         out = []
         for i in order[:k]:

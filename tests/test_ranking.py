@@ -186,3 +186,59 @@ def test_product_id_checks() -> None:
         with pytest.raises(RequestError) as err:
             check_product_id(bad)
         assert err.value.status == 400
+
+
+def test_neighbour_vote_lifts_the_category_of_the_best_retrieved() -> None:
+    from pipeline_steps.ranking import neighbour_share
+
+    # p0, p1 (class 1) retrieved best; p2 (class 0) and p3 (class 1) further down; the classifier is unsure
+    c = _cands([(0, 0.9), (1, 0.85), (2, 0.5), (3, 0.45)], [], [1, 1, 0, 1], [0.5, 0.5])
+    retrieval = rank(c, RankingConfig("dense", 0.0, 0.0))[1]
+    share = neighbour_share(c, retrieval, k=2)
+    np.testing.assert_allclose(share, [1.0, 1.0, 0.0, 1.0])
+    order = rank(c, RankingConfig("dense", 0.0, 0.0, neighbour_weight=1.0, neighbour_k=2))[0]
+    assert list(c.keys[order]) == ["p0", "p1", "p3", "p2"]
+    cache: dict = {}
+    first = rank(c, RankingConfig("dense", 0.0, 0.5, neighbour_weight=1.0, neighbour_k=2), cache)
+    again = rank(c, RankingConfig("dense", 0.0, 0.5, neighbour_weight=1.0, neighbour_k=2), cache)
+    np.testing.assert_allclose(first[3], again[3])
+
+
+def test_index_stage_ranking_task_writes_ranking_files_metrics_and_an_mlflow_run(tmp_path, monkeypatch) -> None:
+    """flows/ranking_step.py on what the index stage leaves behind (stores, indexes, clean products)."""
+    import json
+
+    import mlflow
+
+    from flows import ranking_step
+    from pipeline_steps.config import load_params
+    from pipeline_steps.embeddings import save_embeddings
+
+    products, vectors, ids, probs, classes = _synthetic()
+    params = load_params()
+    params["data"]["clean_dir"] = str(tmp_path / "clean")
+    params["index"].update(dir=str(tmp_path / "index"), embeddings_dir=str(tmp_path / "emb"))
+    params["index"]["ranking"].update(n_candidates=20)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "clean").mkdir()
+    products.to_parquet(tmp_path / "clean" / "products.parquet", index=False)
+    models = {}
+    for kind in ("text", "multimodal"):
+        save_embeddings(tmp_path / "emb" / f"{kind}.parquet", vectors, ids, "k")
+        save_embeddings(ranking_step.probs_path(params, kind), probs, ids, "k")
+        SimilarityIndex.build(vectors, ids[["product_id", "image_id"]], kind=kind, factory="Flat", use_gpu=False,
+                              model_name=f"m-{kind}", model_version="3").save(tmp_path / "index" / kind)
+        model_dir = tmp_path / "models" / kind
+        model_dir.mkdir(parents=True)
+        (model_dir / "config.json").write_text(json.dumps({"classes": classes}))
+        models[kind] = (str(model_dir), f"m-{kind}", "3")
+    out = ranking_step.ranking_task.fn(models, params, {})
+    report = out["ranking"]["report"]
+    assert {"text", "combined", "similar"} <= set(report)
+    assert "text_with_photos" in report["similar"]
+    assert out["ranking"]["headline"]["text"]["ranked_ndcg_at_10"] >= out["ranking"]["headline"]["text"]["dense_ndcg_at_10"]
+    for kind in ("text", "multimodal"):
+        saved = json.loads((tmp_path / "index" / kind / "ranking" / "ranking.json").read_text())
+        assert saved["model_version"] == "3" and saved["config"]["chosen_on"] == "val"
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.step = 'ranking'")
+    assert len(runs) == 1 and "metrics.text.ranked_precision_at_10" in runs.columns
