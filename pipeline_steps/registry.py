@@ -43,6 +43,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline_steps.config import PROJECT_ROOT, resolve_path
 from pipeline_steps.errors import ConfigError, PipelineError
+from pipeline_steps.faults import crash_point
 from pipeline_steps.registry_lock import promotion_lock, verify_alias
 
 logger = logging.getLogger(__name__)
@@ -516,7 +517,9 @@ def register_model_version(
     for key, value in (tags or {}).items():
         version_tags[str(key)] = _tag_value(value)
 
+    # One request creates the version with every tag: no version ever exists without its metrics.
     registered = mlflow.register_model(model_uri, name, await_registration_for=timeout_s, tags=version_tags)
+    crash_point("registered_version")  # test hook (pipeline_steps/faults.py); a no-op otherwise
     client = MlflowClient()
     version = _wait_ready(client, name, str(registered.version), timeout_s)
     if description:
