@@ -203,3 +203,49 @@ def test_sigterm_to_a_stage_without_server_leaves_no_temporary_api(tmp_path: Pat
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "Products.csv").is_file()
+
+
+DVC_STAGE_YAML = """
+stages:
+  sample:
+    cmd: {python} -m flows.generate_sample --set sample.n_products={n} --out out
+    outs:
+      - out
+"""
+
+
+@pytest.mark.integration
+def test_sigterm_to_dvc_repro_stops_its_stage_and_the_next_repro_finishes(tmp_path: Path) -> None:
+    """`dvc repro` dies on SIGTERM without passing it on; the stage must not go on alone."""
+    dvc = Path(sys.executable).parent / "dvc"
+    if not dvc.is_file():
+        pytest.skip("dvc is not installed in this interpreter's environment")
+    project = tmp_path / "project"
+    project.mkdir()
+    env = _env_without_api(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1")
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([str(dvc), "init", "-q"], cwd=project, env=env, check=True)
+    (project / "dvc.yaml").write_text(DVC_STAGE_YAML.format(python=sys.executable, n=3000))
+    repro = subprocess.Popen([str(dvc), "repro"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert repro.stdout is not None
+    deadline = time.monotonic() + 400
+    for line in repro.stdout:
+        if "Beginning flow run" in line or time.monotonic() > deadline:
+            break
+    stage_pids = [int(p) for p in subprocess.run(["pgrep", "-f", "generate_sample --set sample.n_products=3000"], capture_output=True, text=True).stdout.split()]
+    assert stage_pids, "the stage did not start"
+    server_pids = [int(p) for pid in stage_pids for p in subprocess.run(["pgrep", "-P", str(pid), "-f", "uvicorn"], capture_output=True, text=True).stdout.split()]
+    stopped_at = time.monotonic()
+    repro.send_signal(signal.SIGTERM)
+    repro.wait(timeout=30)
+    while _children_alive(stage_pids) and time.monotonic() - stopped_at < 15:
+        time.sleep(0.2)
+    assert _children_alive(stage_pids) == [], "the stage outlived the dvc that started it"
+    assert time.monotonic() - stopped_at < 10
+    time.sleep(1.0)
+    assert _children_alive(server_pids) == [], "the stage's temporary Prefect API was left running"
+    # a smaller sample this time, so the re-run is quick; dvc sees a changed command and runs it
+    (project / "dvc.yaml").write_text(DVC_STAGE_YAML.format(python=sys.executable, n=60))
+    again = subprocess.run([str(dvc), "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (project / "out" / "Products.csv").is_file()
