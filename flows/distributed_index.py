@@ -17,7 +17,10 @@ Outputs in ``distributed.work_dir``: ``shards/`` (per-shard vectors and ids), ``
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +73,6 @@ def photo_rows(settings: dict[str, Any]) -> pd.DataFrame:
 
 @flow(name="distributed-embed-index", log_prints=True)
 def distributed_index_flow(params: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    import faiss
-
     settings = load_params(params, overrides or [])
     return _run(settings, photo_rows(settings))
 
@@ -111,6 +112,30 @@ def _run(settings: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:
     return summary
 
 
+@contextlib.contextmanager
+def api_for_workers() -> Iterator[None]:
+    """Give the Dask worker processes the flow's Prefect API.
+
+    With PREFECT_API_URL set they inherit it. Without it, each worker would start a temporary API of
+    its own (tens of seconds each): start Prefect's temporary server here first and export its URL,
+    so the workers (started afterwards, with this environment) report to it.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
 def run_on_dask(settings: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:
     """`_run` as a flow on the settings' Dask task runner (what the CLI does, for given rows)."""
 
@@ -118,7 +143,8 @@ def run_on_dask(settings: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:
     def _flow() -> dict[str, Any]:
         return _run(settings, rows)
 
-    return _flow()
+    with api_for_workers():
+        return _flow()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     settings = load_params(args.get("params"), args.get("overrides") or [])
     chosen = distributed_index_flow.with_options(task_runner=task_runner(settings))
-    run_cli(chosen, parser, argv)
+    with api_for_workers():
+        run_cli(chosen, parser, argv)
 
 
 if __name__ == "__main__":
