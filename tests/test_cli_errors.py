@@ -119,7 +119,5 @@ def test_a_stopping_stage_prints_no_traceback_and_marks_the_run_failed(tmp_path:
     assert "error: Products.csv at" in done.stderr and "missing required columns" in done.stderr
     assert "Finished in state Failed" in output  # Prefect still records the failure, with the message
     assert not (tmp_path / "validated" / "products.parquet").exists()
-
-    debug = subprocess.run(command, cwd=ROOT, env={**env, "MARKETPLACE_DEBUG": "1"}, capture_output=True,
-                           text=True, timeout=600)
-    assert debug.returncode != 0 and "Traceback" in debug.stdout + debug.stderr
+    # (MARKETPLACE_DEBUG=1 keeping the traceback: test_debug_variable_re_raises_the_project_error,
+    # in-process, spares a second Prefect start here)
