@@ -75,11 +75,11 @@ def flow_runs_since(api_url: str, since: datetime) -> list[dict]:
         return json.loads(response.read())
 
 
-def _take_priority() -> str:
-    """Raise this session's autogroup to nice -20, so other jobs' sessions barely slow the run."""
+def _take_priority(pid: int | str = "self") -> str:
+    """Raise a process's session (autogroup) to nice -20, so other jobs' sessions barely slow the run."""
     try:
-        Path("/proc/self/autogroup").write_text("-20")
-        return Path("/proc/self/autogroup").read_text().strip()
+        Path(f"/proc/{pid}/autogroup").write_text("-20")
+        return Path(f"/proc/{pid}/autogroup").read_text().strip()
     except OSError as error:
         return f"unchanged ({error})"
 
@@ -156,6 +156,9 @@ def main() -> None:
     marks: list[tuple[str, float]] = []
     with prefect_server.prefect_api() as server_env:
         server_start_s = time.monotonic() - t_server
+        if args.priority and prefect_server.SERVER_PID_ENV in server_env:
+            # the server answers every stage's API calls: it is part of the run, so it gets the priority too
+            _take_priority(int(server_env[prefect_server.SERVER_PID_ENV]))
         run_env = {**env, **{k: v for k, v in server_env.items() if k.startswith("PREFECT")}}
         if not args.skip_sample:
             shutil.rmtree(ROOT / "data" / "raw", ignore_errors=True)  # generated as on a fresh clone

@@ -42,6 +42,8 @@ from pipeline_steps import runtime_env
 from pipeline_steps.errors import PipelineError
 
 API_ENV = "PREFECT_API_URL"
+#: Set in the commands' environment when this wrapper started the server (its process id).
+SERVER_PID_ENV = "MARKETPLACE_PREFECT_SERVER_PID"
 DEFAULT_PORT = 4200
 #: Exit code when the API cannot be reached or started (distinct from a stage's own failure).
 EXIT_API_UNAVAILABLE = 3
@@ -179,6 +181,7 @@ def prefect_api(port: int | None = None, log_path: Path | None = None, keep: boo
     started = time.monotonic()
     server = start_server(port, env, log_path)
     print(f"prefect-server: Prefect UI at http://127.0.0.1:{port} (up in {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    env[SERVER_PID_ENV] = str(server.pid)
     try:
         yield env
     finally:
