@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 
 def dense_only_copy(bundle: Path, target: Path) -> Path:
@@ -42,6 +43,32 @@ def run(bundle: Path, out: Path, n: int, c: int) -> dict:
     return json.loads(out.read_text())
 
 
+def ranking_step_latency(bundle: Path, dense: Path, n: int) -> dict:
+    """The ranking step alone, in-process: the same (probabilities, embedding) of n text queries ranked by
+    the packaged ranking and by the dense-only copy (no model call, no HTTP: what the ranking adds)."""
+    import time
+
+    import numpy as np
+
+    from benchmarks.load_test import DEFAULT_QUERIES
+    from service.engine import MarketplaceEngine
+
+    engines = {"dense-only (before)": MarketplaceEngine(dense), "hybrid + category (now)": MarketplaceEngine(bundle)}
+    first = engines["hybrid + category (now)"]
+    queries = [DEFAULT_QUERIES[i % len(DEFAULT_QUERIES)] + ("" if i < len(DEFAULT_QUERIES) else f" {i}") for i in range(n)]
+    inputs = first.predict_embed_batch("text", [(None, q) for q in queries])
+    out = {}
+    for name, engine in engines.items():
+        times = []
+        for (proba, vector), text in zip(inputs, queries):
+            start = time.perf_counter()
+            engine.search_vector("text", vector, 10, None, proba, text)
+            times.append((time.perf_counter() - start) * 1000)
+        out[name] = {"p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3),
+                     "queries": n}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True)
@@ -49,7 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=1500)
     parser.add_argument("-c", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--step-only", type=int, default=0, metavar="N",
+                        help="only time the ranking step in-process on N queries and add it to --out")
     args = parser.parse_args(argv)
+    if args.step_only:
+        with tempfile.TemporaryDirectory(prefix="ranking_latency_") as tmp:
+            step = ranking_step_latency(args.bundle, dense_only_copy(args.bundle, Path(tmp) / "dense_bundle"), args.step_only)
+        payload = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        payload["ranking_step_in_process"] = step | {"command": "python benchmarks/ranking_latency.py " + " ".join(
+            argv if argv is not None else sys.argv[1:])}
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+        print(json.dumps(step, indent=1))
+        return 0
     rounds: dict[str, list[dict]] = {"dense-only (before)": [], "hybrid + category (now)": []}
     with tempfile.TemporaryDirectory(prefix="ranking_latency_") as tmp:
         dense = dense_only_copy(args.bundle, Path(tmp) / "dense_bundle")
@@ -57,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, bundle in (("dense-only (before)", dense), ("hybrid + category (now)", args.bundle)):
                 result = run(bundle, Path(tmp) / f"{r}-{name[:5]}.json", args.n, args.c)
                 overall = result["http"]["overall"]
-                rounds[name].append({"p50_ms": overall["latency"]["p50_ms"], "p99_ms": overall["latency"]["p99_ms"],
+                rounds[name].append({"p50_ms": overall["latency_2xx"]["p50_ms"], "p99_ms": overall["latency_2xx"]["p99_ms"],
                                      "rps": overall["rps"], "status_2xx": overall["status_2xx"],
                                      "requests": overall["requests"]})
     summary = {name: {"median_p50_ms": statistics.median(x["p50_ms"] for x in rs),

@@ -128,6 +128,11 @@ def check_product_id(value: Any) -> str:
 
 def load_rankings(indexes: Mapping[str, Any], index_dir_of: Callable[[str], Path],
                   products: Mapping[str, Mapping[str, Any]], classes: list[str]) -> dict[str, IndexRanking]:
+    # One FAISS (OpenMP) thread: a request searches one query; on a busy 2-core box a single query with
+    # two OpenMP threads is several times slower (pipeline_steps/retrieval.py, limited_threads).
+    import faiss
+
+    faiss.omp_set_num_threads(1)
     return {kind: IndexRanking(kind, index, index_dir_of(kind), products, classes) for kind, index in indexes.items()}
 
 
