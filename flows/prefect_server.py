@@ -48,6 +48,9 @@ DEFAULT_PORT = 4200
 #: Exit code when the API cannot be reached or started (distinct from a stage's own failure).
 EXIT_API_UNAVAILABLE = 3
 STOP_GRACE_S = 8.0
+#: Seconds to wait for the server to answer (environment override: START_TIMEOUT_ENV).
+DEFAULT_START_TIMEOUT_S = 900.0
+START_TIMEOUT_ENV = "MARKETPLACE_PREFECT_START_TIMEOUT"
 
 
 class PrefectApiError(PipelineError):
@@ -116,14 +119,16 @@ def server_env(port: int, environ: Mapping[str, str] | None = None) -> dict[str,
     return env
 
 
-def start_server(port: int, env: Mapping[str, str], log_path: Path, startup_timeout: float = 300.0) -> subprocess.Popen:
+def start_server(port: int, env: Mapping[str, str], log_path: Path, startup_timeout: float | None = None) -> subprocess.Popen:
     """Launch ``prefect server start`` in its own process group and wait until it is healthy.
 
     Args:
         port: a free port on 127.0.0.1.
         env: the server's environment (see :func:`server_env`).
         log_path: where its output goes (read back when it fails to start).
-        startup_timeout: seconds to wait; a busy 2-core machine needs more than an idle one.
+        startup_timeout: seconds to wait (default: START_TIMEOUT_ENV, else 900). An idle 2-core
+            machine needs ~15 s; a first start creates the database (migrations), which on a
+            machine kept busy by other jobs has taken more than 5 minutes.
 
     Returns:
         The running server process.
@@ -133,9 +138,16 @@ def start_server(port: int, env: Mapping[str, str], log_path: Path, startup_time
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(cmd, env=dict(env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
-    deadline = time.monotonic() + startup_timeout
+    if startup_timeout is None:
+        startup_timeout = float(env.get(START_TIMEOUT_ENV) or DEFAULT_START_TIMEOUT_S)
+    started = time.monotonic()
+    deadline = started + startup_timeout
+    next_note = started + 30
     api_url = env[API_ENV]
     while time.monotonic() < deadline:
+        if time.monotonic() >= next_note:
+            print(f"prefect-server: still starting after {time.monotonic() - started:.0f} s (first start migrates its database; log: {log_path})", file=sys.stderr)
+            next_note += 30
         if process.poll() is not None:
             tail = log_path.read_text(errors="replace")[-2000:]
             raise PrefectApiError(f"`prefect server start` on port {port} exited with code {process.returncode}:\n{tail}")
@@ -143,7 +155,10 @@ def start_server(port: int, env: Mapping[str, str], log_path: Path, startup_time
             return process
         time.sleep(0.5)
     stop_process_group(process)
-    raise PrefectApiError(f"the Prefect server on port {port} was not healthy after {startup_timeout:.0f} s (log: {log_path})")
+    raise PrefectApiError(
+        f"the Prefect server on port {port} was not healthy after {startup_timeout:.0f} s (log: {log_path}); "
+        f"on a very busy machine allow it longer with {START_TIMEOUT_ENV}=<seconds>"
+    )
 
 
 def stop_process_group(process: subprocess.Popen, grace: float = STOP_GRACE_S) -> int | None:
