@@ -134,8 +134,6 @@ def api_for_workers() -> Iterator[None]:
             yield
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        with contextlib.suppress(Exception):  # ours: do not leave it running after the flow
-            server.stop()
 
 
 def run_on_dask(settings: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:
