@@ -97,6 +97,10 @@ class IndexRanking:
         if proba is None:
             cfg = dataclasses.replace(cfg, category_weight=0.0)
         order, retrieval, category, final = rank(cands, cfg)
+        # scaled by the largest possible final score, so "score" stays in [0, 1] (like a cosine) and
+        # still equals retrieval_score + category_score
+        scale = 1.0 / (1.0 + cfg.category_weight + cfg.neighbour_weight)
+        retrieval, category, final = retrieval * scale, category * scale, final * scale
         out = []
         for i in order[:k]:
             pid = str(cands.keys[i])

@@ -289,7 +289,8 @@ class MarketplaceSearch:
         Photo only -> image index (one result per product), text only -> text index, both ->
         multimodal index. `k` in 1..serve.max_k; `category` (optional) keeps only that category.
         Ranked by the index's ranking (params.yaml index.ranking, fitted on val): dense and BM25 candidates
-        fused, plus the category term; per result "score" (final) = "retrieval_score" + "category_score",
+        fused, plus the category term; per result "score" (final, scaled to [0, 1]) = "retrieval_score" +
+        "category_score",
         with the raw "dense_score" (cosine) and "lexical_score" (BM25, null when not a BM25 candidate).
         Returns {"results": [{"product_id","image_id","score","retrieval_score","category_score",
         "dense_score","lexical_score","product_name","price","location","category","thumbnail_url"}],
