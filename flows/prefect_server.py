@@ -151,7 +151,7 @@ def start_server(port: int, env: Mapping[str, str], log_path: Path, startup_time
         if process.poll() is not None:
             tail = log_path.read_text(errors="replace")[-2000:]
             raise PrefectApiError(f"`prefect server start` on port {port} exited with code {process.returncode}:\n{tail}")
-        if api_is_healthy(api_url, timeout=1.0):
+        if api_is_healthy(api_url, timeout=5.0):  # a loaded server can take seconds to answer
             return process
         time.sleep(0.5)
     stop_process_group(process)
