@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
+
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="marketplace-tests-"))
 atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
 
@@ -25,3 +27,15 @@ runtime_env.apply()
 # store a test can spoil, and keeping it spares each session a fresh database's migration.)
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlruns' / 'mlflow.db'}"
 os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(request: pytest.FixtureRequest) -> Path:
+    """The serving bundle the service tests run against: MARKETPLACE_TEST_BUNDLE, else a tiny one
+    built once and kept in pytest's cache (shared by test_service, test_service_ranking, test_search_page)."""
+    override = os.environ.get("MARKETPLACE_TEST_BUNDLE")
+    if override:
+        return Path(override)
+    from service.devtools import cached_tiny_bundle
+
+    return cached_tiny_bundle(request.config.cache.mkdir("marketplace_tiny_bundle"))

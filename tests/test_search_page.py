@@ -25,16 +25,6 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="the python '
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(request) -> Path:
-    override = os.environ.get("MARKETPLACE_TEST_BUNDLE")
-    if override:
-        return Path(override)
-    from service.devtools import cached_tiny_bundle
-
-    return cached_tiny_bundle(request.config.cache.mkdir("marketplace_tiny_bundle"))
-
-
-@pytest.fixture(scope="module")
 def server(bundle_dir, tmp_path_factory):
     from service.devtools import ServiceProcess
 

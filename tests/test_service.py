@@ -38,16 +38,6 @@ TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(request) -> Path:
-    override = os.environ.get("MARKETPLACE_TEST_BUNDLE")
-    if override:
-        return Path(override)
-    from service.devtools import cached_tiny_bundle
-
-    return cached_tiny_bundle(request.config.cache.mkdir("marketplace_tiny_bundle"))
-
-
-@pytest.fixture(scope="module")
 def bundle_info(bundle_dir) -> dict:
     return json.loads((bundle_dir / "bundle.json").read_text())
 

@@ -4,9 +4,7 @@ and an old bundle (no ranking files) served dense-only."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import requests
@@ -17,16 +15,6 @@ pytestmark = [pytest.mark.integration]
 
 MAX_K = int(load_params()["serve"]["max_k"])
 TIMEOUT = 60
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(request) -> Path:
-    override = os.environ.get("MARKETPLACE_TEST_BUNDLE")
-    if override:
-        return Path(override)
-    from service.devtools import cached_tiny_bundle
-
-    return cached_tiny_bundle(request.config.cache.mkdir("marketplace_tiny_bundle"))
 
 
 @pytest.fixture(scope="module")
