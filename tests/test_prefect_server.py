@@ -107,14 +107,36 @@ FLOW_SCRIPT = textwrap.dedent(
 
 
 def _children_alive(pids: list[int]) -> list[int]:
+    """The pids still running (a zombie waiting for a parent that never reaps it is not)."""
     alive = []
     for pid in pids:
         try:
-            os.kill(pid, 0)
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
             alive.append(pid)
-        except ProcessLookupError:
-            pass
     return alive
+
+
+WATCHED_SCRIPT = "from flows.common import watched_ancestor; print(watched_ancestor())"
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_a_stage_under_a_shell_wrapper_watches_the_process_that_ran_the_shell(shell: str) -> None:
+    """dvc runs `$SHELL -c cmd`; dash stays in between (no exec), so the stage must look past it."""
+    if not Path(shell).exists():
+        pytest.skip(f"{shell} is not installed")
+    command = f"{sys.executable} -c '{WATCHED_SCRIPT}'; true"  # `; true`: no shell may exec the command
+    out = subprocess.run([shell, "-c", command], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert int(out.stdout.split()[-1]) == os.getpid()
+
+
+def test_a_stage_started_directly_watches_its_parent() -> None:
+    out = subprocess.run([sys.executable, "-c", WATCHED_SCRIPT], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert int(out.stdout.split()[-1]) == os.getpid()
 
 
 @pytest.mark.integration
@@ -231,7 +253,10 @@ def test_sigterm_to_dvc_repro_stops_its_stage_and_the_next_repro_finishes(tmp_pa
         pytest.skip("dvc is not installed in this interpreter's environment")
     project = tmp_path / "project"
     project.mkdir()
-    env = _env_without_api(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1")
+    # SHELL=/bin/sh: dvc then runs the stage under dash, which stays between dvc and the stage
+    # (what CI, with no SHELL set, does; bash would exec the command and hide the problem).
+    env = _env_without_api(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1",
+                           SHELL="/bin/sh")
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     subprocess.run([str(dvc), "init", "-q"], cwd=project, env=env, check=True)
     (project / "dvc.yaml").write_text(DVC_STAGE_YAML.format(python=sys.executable, n=3000))
