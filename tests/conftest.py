@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,3 +40,38 @@ def bundle_dir(request: pytest.FixtureRequest) -> Path:
     from service.devtools import cached_tiny_bundle
 
     return cached_tiny_bundle(request.config.cache.mkdir("marketplace_tiny_bundle"))
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored():
+    """A test that points MLflow at its own store leaves the next test where it found it.
+
+    `mlflow.set_tracking_uri`/`set_registry_uri` set process-wide globals and also export
+    MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI, which every later test and every subprocess a
+    test starts would inherit (a registry URI left behind by one test sent another test's
+    `models:/name@champion` to the wrong store).
+    """
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {key: os.environ.get(key) for key in keys}
+    saved_globals = _mlflow_globals()
+    yield
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved_globals
+
+
+def _mlflow_globals() -> tuple[str | None, str | None]:
+    """MLflow's explicitly set tracking and registry URIs (None: not set, or MLflow not imported)."""
+    if "mlflow" not in sys.modules:
+        return None, None
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    return tracking_utils._tracking_uri, registry_utils._registry_uri

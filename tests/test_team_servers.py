@@ -138,6 +138,7 @@ def test_two_concurrent_registers_end_with_one_champion_the_better(mlflow_server
 
     # the champion loads from the server (artifacts through the server's proxy)
     mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     import numpy as np
 
