@@ -20,11 +20,12 @@ Data Docs go to the directory the caller names; the raw export is never written 
 from __future__ import annotations
 
 import logging
-import os
 
-# Offline and quiet, set before great_expectations is imported: no analytics calls, and no
-# INFO chatter from its import-time machinery (a logger level set by the caller wins).
-os.environ["GX_ANALYTICS_ENABLED"] = "false"
+# Quiet before great_expectations is imported: no INFO chatter from its import-time machinery
+# (a logger level set by the caller wins). Analytics are off through the context's own
+# config (`_context_config`: analytics_enabled=False), never through os.environ: importing
+# this module leaves the process environment as it was (the flows, the service and the tests
+# apply the project's environment themselves: pipeline_steps/runtime_env.py).
 if logging.getLogger("great_expectations").level == logging.NOTSET:
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
 

@@ -8,6 +8,10 @@ costs a couple of seconds; the rest of the tests use tiny exports or call helper
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from pipeline_steps.validation import (
     validate_raw,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "marketplace"
 PARAMS: dict[str, Any] = {
     "max_reject_fraction": 0.15,
@@ -378,6 +383,24 @@ def test_clean_tables_missing_column_is_named() -> None:
     products, images, classes = clean_tables()
     with pytest.raises(DataValidationError, match=r"clean products\.parquet is missing column\(s\) 'split'"):
         validate_clean_tables(products.drop(columns="split"), images, classes)
+
+
+def test_importing_validation_leaves_os_environ_unchanged() -> None:
+    """pipeline_steps holds plain functions: importing one must not change the process environment
+    (validation.py used to set GX_ANALYTICS_ENABLED at import, for every program that imported it)."""
+    code = (
+        "import json, os\n"
+        "before = dict(os.environ)\n"
+        "import pipeline_steps.validation\n"
+        "after = dict(os.environ)\n"
+        "print(json.dumps({k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after))"
+        " if before.get(k) != after.get(k)}))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GX_")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    changed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert changed == {}, f"importing pipeline_steps.validation changed os.environ: {changed}"
 
 
 # --------------------------------------------------------------------------- real data
