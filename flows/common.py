@@ -32,7 +32,7 @@ log = logging.getLogger("marketplace")
 
 
 def load_params(params_path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Load params.yaml and apply `key=value` overrides (values parsed as YAML)."""
+    """Load params.yaml and apply `key=value` overrides (values parsed as YAML), checked again after."""
     import yaml
 
     params = config.load_params(params_path)
@@ -41,6 +41,10 @@ def load_params(params_path: str | Path | None = None, overrides: Sequence[str] 
         if not sep:
             raise config.ConfigError(f"override '{override}' must look like key.path=value")
         config.set_value(params, key.strip(), yaml.safe_load(raw_value))
+    if overrides:
+        from pipeline_steps import settings
+
+        settings.validate(params, source="params.yaml with --set " + " ".join(overrides))
     return params
 
 

@@ -19,7 +19,19 @@ DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
 
 
 def load_params(path: str | Path | None = None) -> dict[str, Any]:
-    """Load params.yaml (or another file of the same shape) as a plain dict."""
+    """Load params.yaml (or another file of the same shape), checked against its schema.
+
+    Args:
+        path: the file (default: the project's params.yaml).
+
+    Returns:
+        The parsed mapping, once pipeline_steps.settings has accepted every key, type and range.
+
+    Raises:
+        ConfigError: the file is missing, not a mapping, or breaks the schema (every bad key named).
+    """
+    from pipeline_steps import settings
+
     params_path = Path(path) if path is not None else DEFAULT_PARAMS
     if not params_path.is_file():
         raise ConfigError(f"params file not found: {params_path}")
@@ -27,7 +39,15 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
         params = yaml.safe_load(handle) or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{params_path} must hold a mapping at the top level")
+    settings.validate(params, source=str(params_path))
     return params
+
+
+def load_settings(path: str | Path | None = None) -> Any:
+    """params.yaml as typed settings (pipeline_steps.settings.Settings): attributes, not dict keys."""
+    from pipeline_steps import settings
+
+    return settings.validate(load_params(path), source=str(path or DEFAULT_PARAMS))
 
 
 def get(params: Mapping[str, Any], dotted_key: str) -> Any:
