@@ -12,10 +12,12 @@ embedding kind (`index.SimilarityIndex`, `retrieval.precision_at_k`, the index s
 test queries, own product excluded, one hit per product for photos).
 
 Reported: every classifier's test accuracy and macro-F1 (per photo for image models, per product
-otherwise), the image models' per-product accuracy (mean of the product's photo probabilities),
+otherwise), the image models' per-product accuracy (the product's photo predictions pooled by
+`train.image.product_pooling`: mean of log-probabilities by default; both poolings in the JSON),
 the multimodal model with texts only / photos only, the price model, and each index's
 precision@k. `--clean-dir` skips validate/clean and reads an existing clean folder; a trained
-model directory already in --work-dir/models is reused with `--reuse`.
+model directory already in --work-dir/models is reused with `--reuse`. `--split val` scores the
+validation split instead (choose settings there; report the test split once at the end).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from pipeline_steps import baselines, evaluation, inference, retrieval, training  # noqa: E402
+from pipeline_steps import baselines, evaluation, image_eval, inference, retrieval, training  # noqa: E402
 from pipeline_steps import datasets as ds  # noqa: E402
 from pipeline_steps.index import SimilarityIndex  # noqa: E402
 
@@ -56,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "real_data_report.json", help="JSON; the Markdown goes next to it (.md)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params.yaml override, e.g. train.image.epochs=20 (YAML value)")
+    parser.add_argument("--split", default="test", choices=("test", "val"), help="the split scored (val: to choose settings)")
     parser.add_argument("--reuse", action="store_true", help="reuse model directories already in --work-dir/models")
     parser.add_argument("--skip", default="", help="comma-separated models not to train/score (e.g. price,pixel-baseline)")
     parser.add_argument("--merge", action="store_true", help="keep the models/indexes of an existing --out file that this run does not score")
@@ -106,13 +109,11 @@ def classifier_scores(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> d
     return {key: round(float(metrics[key]), 4) for key in ("accuracy", "macro_f1", "top3_accuracy") if key in metrics} | {"n": int(len(y))}
 
 
-def per_product(prediction: inference.SplitPrediction, classes: list[str]) -> dict[str, Any]:
-    """An image model's accuracy per product: the mean of its photos' class probabilities."""
-    frame = pd.DataFrame(prediction.proba).assign(product_id=prediction.ids["product_id"].astype(str).to_numpy(), label=prediction.labels)
-    grouped = frame.groupby("product_id", sort=False)
-    proba = grouped[list(range(len(classes)))].mean().to_numpy()
-    labels = grouped["label"].first().to_numpy()
-    return classifier_scores(labels, proba, classes)
+def per_product(prediction: inference.SplitPrediction, classes: list[str], pooling: str | None = None) -> dict[str, Any]:
+    """An image model's accuracy per product: its photos' predictions pooled (`image_eval.pool_by_product`)."""
+    pooling = image_eval.check_pooling(pooling)
+    _, labels, proba = image_eval.pool_by_product(prediction.proba, prediction.ids["product_id"].astype(str).tolist(), prediction.labels, pooling)
+    return classifier_scores(labels, proba, classes) | {"pooling": pooling}
 
 
 def train_all(clean: Path, settings: dict[str, Any], reuse: bool, skip: set[str]) -> dict[str, Any]:
@@ -139,7 +140,7 @@ def train_all(clean: Path, settings: dict[str, Any], reuse: bool, skip: set[str]
     return timings
 
 
-def score_all(clean: Path, settings: dict[str, Any], skip: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def score_all(clean: Path, settings: dict[str, Any], skip: set[str], split: str = "test") -> tuple[dict[str, Any], dict[str, Any]]:
     models_dir = Path(settings["train"]["models_dir"])
     features = Path(settings["train"]["image"]["features_dir"])
     results: dict[str, Any] = {}
@@ -147,7 +148,7 @@ def score_all(clean: Path, settings: dict[str, Any], skip: set[str]) -> tuple[di
     for name in ("text-baseline", "pixel-baseline", "price"):
         if name in skip or not (models_dir / name).is_dir():
             continue
-        scored = baselines.evaluate_baseline(models_dir / name, clean, "test")
+        scored = baselines.evaluate_baseline(models_dir / name, clean, split)
         metrics = scored["metrics"]
         keep = ("r2_log", "median_abs_error", "baseline_median_abs_error") if name == "price" else ("accuracy", "macro_f1", "top3_accuracy")
         results[name] = {k: round(float(metrics[k]), 4) for k in keep if k in metrics} | {"unit": "photo" if name == "pixel-baseline" else "product"}
@@ -156,23 +157,26 @@ def score_all(clean: Path, settings: dict[str, Any], skip: set[str]) -> tuple[di
             continue
         classifier = inference.load_classifier(models_dir / name, device="cpu")
         full = inference.predict_split(classifier, clean, None, progress=False, feature_cache_dir=features)
-        test = (full.ids["split"] == "test").to_numpy()
+        test = (full.ids["split"] == split).to_numpy()
         test_pred = inference.SplitPrediction(full.ids[test].reset_index(drop=True), full.labels[test], full.proba[test], full.embeddings[test])
         row = classifier_scores(test_pred.labels, test_pred.proba, classifier.classes)
         row["unit"] = "photo" if name == "image" else "product"
         if name == "image":
-            row["per_product"] = per_product(test_pred, classifier.classes)
+            pooling = classifier.config.get("params", {}).get("product_pooling")
+            row["per_product"] = per_product(test_pred, classifier.classes, pooling)
+            row["per_product_by_pooling"] = {p: per_product(test_pred, classifier.classes, p)["accuracy"] for p in image_eval.PRODUCT_POOLING}
             row["search_embedding"] = classifier.config.get("search_embedding")
             row["backbone"] = classifier.config["architecture"]["backbone"]
             row["mode"] = classifier.config["architecture"].get("mode")
+            row["input_size"] = classifier.config.get("preprocessing", {}).get("image", {}).get("input_size")
         if name == "multimodal":
-            row.update(multimodal_ablations(classifier, clean, features))
+            row.update(multimodal_ablations(classifier, clean, features, split))
         results[name] = row
-        indexes[name] = index_precision(name, full)
+        indexes[name] = index_precision(name, full, split)
     return results, indexes
 
 
-def multimodal_ablations(classifier: inference.Classifier, clean: Path, features_dir: Path) -> dict[str, Any]:
+def multimodal_ablations(classifier: inference.Classifier, clean: Path, features_dir: Path, split: str = "test") -> dict[str, Any]:
     """The fused model on the test split with texts only (no photo: the path a listing without one
     takes) and with photos only (products that have one; backbone features from the cache)."""
     import torch
@@ -180,7 +184,7 @@ def multimodal_ablations(classifier: inference.Classifier, clean: Path, features
     from pipeline_steps import image_features
 
     data = ds.load_clean(clean)
-    products = data.products_of("test")
+    products = data.products_of(split)
     by_product = data.image_paths_by_product()
     labels = products["label"].to_numpy()
     text_only = classifier.predict_proba([None] * len(products), products["text"].tolist())
@@ -200,10 +204,10 @@ def multimodal_ablations(classifier: inference.Classifier, clean: Path, features
     }
 
 
-def index_precision(kind: str, prediction: inference.SplitPrediction) -> dict[str, Any]:
+def index_precision(kind: str, prediction: inference.SplitPrediction, split: str = "test") -> dict[str, Any]:
     ids = prediction.ids[["product_id", "image_id", "split", "label"]].reset_index(drop=True)
     built = SimilarityIndex.build(prediction.embeddings, ids, kind=kind, factory="Flat", use_gpu=False)
-    test = (ids["split"] == "test").to_numpy()
+    test = (ids["split"] == split).to_numpy()
     metrics = retrieval.precision_at_k(
         built, prediction.embeddings[test], ids.loc[test, "product_id"].tolist(), ids.loc[test, "label"].to_numpy(), "label",
         ks=KS, unique_products=kind == "image",
@@ -213,10 +217,11 @@ def index_precision(kind: str, prediction: inference.SplitPrediction) -> dict[st
 
 def markdown(report: dict[str, Any]) -> str:
     res, idx = report["models"], report["indexes"]
+    split = report.get("split", "test")
     lines = [
-        f"Generated by `{report['command']}` on {report['created_at']} (test split; {report.get('clean', {}).get('clean_dir', '')}).",
+        f"Generated by `{report['command']}` on {report['created_at']} ({split} split; {report.get('clean', {}).get('clean_dir', '')}).",
         "",
-        "| model | unit | test accuracy | macro-F1 | top-3 | per-product accuracy (image models) |",
+        f"| model | unit | {split} accuracy | macro-F1 | top-3 | per-product accuracy (image models) |",
         "|---|---|---:|---:|---:|---:|",
     ]
     labels = {
@@ -232,11 +237,13 @@ def markdown(report: dict[str, Any]) -> str:
         row = res[name]
         label = labels[name]
         if name == "image":
-            label = f"image: {row.get('backbone')} ({row.get('mode')} backbone)"
+            size = row.get("input_size")
+            label = f"image: {row.get('backbone')} ({row.get('mode')} backbone{f', {size} px' if size else ''})"
         pp = row.get("per_product", {}).get("accuracy")
+        pooling = row.get("per_product", {}).get("pooling", "mean of probabilities")
         lines.append(
             f"| {label} | {row['unit']} | {row['accuracy']:.1%} | {row['macro_f1']:.3f} | "
-            f"{row.get('top3_accuracy', float('nan')):.1%} | {'' if pp is None else f'{pp:.1%}'} |"
+            f"{row.get('top3_accuracy', float('nan')):.1%} | {'' if pp is None else f'{pp:.1%} ({pooling})'} |"
         )
         if name == "multimodal":
             for ablation in ("texts_only", "photos_only"):
@@ -294,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     clean, clean_info = prepare_clean(args, settings)
     clean_info["clean_dir"] = str(clean)
     timings = train_all(clean, settings, args.reuse, skip)
-    models, indexes = score_all(clean, settings, skip)
+    models, indexes = score_all(clean, settings, skip, args.split)
     if args.merge and args.out.is_file():
         previous = json.loads(args.out.read_text(encoding="utf-8"))
         models = {**previous.get("models", {}), **models}
@@ -303,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/real_data_report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "split": args.split,
         "clean": clean_info,
         "overrides": args.set,
         "training_seconds": timings,
