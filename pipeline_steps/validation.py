@@ -878,6 +878,39 @@ def validate_clean_tables(
     }
 
 
+def validate_clean_layer(clean_dir: Path, data_docs_dir: Path | None = None) -> dict[str, Any]:
+    """Check a written clean layer (products.parquet, images.parquet, labels.json) against the contract.
+
+    What the clean stage runs on the layer it has just built, before the layer replaces the
+    previous one (flows/clean.py): the GX suites `clean_products` and `clean_images`
+    (validate_clean_tables), with their Data Docs in `data_docs_dir`.
+
+    Args:
+        clean_dir: a folder in the Clean layout (docs/ARCHITECTURE.md, "Clean").
+        data_docs_dir: where the Data Docs site goes (replaced as a whole); None for none.
+
+    Returns:
+        validate_clean_tables' summary (row counts, classes, splits, Data Docs index).
+
+    Raises:
+        DataValidationError: a file is missing or a check failed, naming the check, the rows
+        and an example reason.
+    """
+    clean_dir = Path(clean_dir)
+    missing = [name for name in ("products.parquet", "images.parquet", "labels.json") if not (clean_dir / name).is_file()]
+    if missing:
+        raise DataValidationError(f"the clean layer {clean_dir} lacks {format_examples(missing)}")
+    classes = io_utils.read_json(clean_dir / "labels.json").get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise DataValidationError(f"{clean_dir / 'labels.json'} has no 'classes' list")
+    return validate_clean_tables(
+        pd.read_parquet(clean_dir / "products.parquet"),
+        pd.read_parquet(clean_dir / "images.parquet"),
+        classes,
+        data_docs_dir=data_docs_dir,
+    )
+
+
 @contextmanager
 def _docs_build_dir(data_docs_dir: Path | None) -> Iterator[Path | None]:
     """Build docs in a temporary sibling swapped in on success; no docs when no dir is given."""

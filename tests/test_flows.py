@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +13,7 @@ import pytest
 from flows.clean import clean_flow
 from flows.generate_sample import generate_sample_flow
 from flows.validate import validate_flow
-from pipeline_steps.errors import ConfigError, RejectThresholdExceeded
+from pipeline_steps.errors import ConfigError, DataValidationError, RejectThresholdExceeded
 from tests.flow_helpers import path_overrides, tiny_raw_export
 
 pytestmark = pytest.mark.integration
@@ -31,7 +33,7 @@ def cleaned(tmp_path_factory: pytest.TempPathFactory, raw_export: Path) -> tuple
     return work, overrides, manifest
 
 
-def test_validation_quarantines_every_quirk_with_a_reason(cleaned: tuple[Path, list[str], dict]) -> None:
+def test_validation_quarantines_every_quirk_with_a_reason(cleaned: tuple[Path, list[str], dict], raw_export: Path) -> None:
     work, _, _ = cleaned
     rejects = pd.read_csv(work / "validated" / "rejects.csv")
     assert set(rejects.columns) >= {"source_file", "source_row", "record_id", "column", "reason", "value"}
@@ -39,7 +41,29 @@ def test_validation_quarantines_every_quirk_with_a_reason(cleaned: tuple[Path, l
     reasons = " ".join(rejects["reason"])
     assert "price" in reasons  # "Free" and "" prices
     files = set(rejects["source_file"])
-    assert {"Products.csv", "Images.csv"} <= files or any("image" in f.lower() for f in files)
+    assert {"Products.csv", "Images.csv"} <= files
+    # Exactly the quirks the generator planted (sample_manifest.json), each with its own reason:
+    quirks = json.loads((raw_export / "sample_manifest.json").read_text())["quirks"]
+    by_id = rejects.set_index("record_id")
+    bad_prices = {pid: value for pid, value in quirks["bad_price"]["details"].items() if value in ("Free", "")}
+    products = rejects[rejects["source_file"] == "Products.csv"]
+    assert set(products["record_id"]) == set(bad_prices) and set(products["column"]) == {"price"}
+    for pid, value in bad_prices.items():
+        expected = "price is empty" if value == "" else f"price {value!r} is not a £ amount"
+        assert by_id.loc[pid, "reason"].startswith(expected), by_id.loc[pid, "reason"]
+    broken = {
+        next(iter(quirks["zero_byte_image"]["details"])): "is empty (0 bytes)",
+        next(iter(quirks["truncated_image"]["details"])): "cannot be decoded",
+        next(iter(quirks["missing_image_file"]["details"])): "is missing",
+    }
+    images = rejects[rejects["source_file"] == "Images.csv"]
+    assert set(images.loc[images["column"] == "file", "record_id"]) == set(broken)
+    for image_id, why in broken.items():
+        assert by_id.loc[image_id, "column"] == "file" and why in by_id.loc[image_id, "reason"], by_id.loc[image_id, "reason"]
+    # the other image rejects are the photos of rejected products, and say so
+    of_rejected = images[images["column"] != "file"]
+    assert set(of_rejected["value"]) <= set(bad_prices) and len(of_rejected) >= 1
+    assert of_rejected["reason"].str.startswith("its product ").all() and (of_rejected["column"] == "product_id").all()
     metrics = json.loads((work / "metrics" / "validate.json").read_text())
     assert metrics["orphan_files"] == 1
     assert metrics["products_rejected"] >= 1 and metrics["images_rejected"] >= 3  # zero-byte, truncated, missing
@@ -61,6 +85,44 @@ def test_clean_layer_is_split_by_product_with_13_classes(cleaned: tuple[Path, li
     assert not products["product_name"].str.contains("Gumtree").any()
     assert all((clean / path).is_file() for path in images["path"])
     assert (work / "metrics" / "clean.json").is_file()
+    # the stage checked the layer against the Clean contract (great-expectations) and left Data Docs
+    assert (work / "clean_data_docs" / "index.html").is_file()
+    docs = " ".join(path.read_text(errors="replace") for path in (work / "clean_data_docs").rglob("*.html"))
+    assert "clean_products" in docs and "clean_images" in docs
+
+
+def test_a_clean_layer_breaking_the_contract_stops_the_stage_and_keeps_the_previous_layer(
+    cleaned: tuple[Path, list[str], dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """validation.validate_clean_layer runs in the clean stage: a cleaning bug that puts a photo in
+    another split than its product (a train/test leak) is stopped before the layer replaces the old one."""
+    import flows.clean
+
+    work, overrides, _ = cleaned
+    previous = tmp_path / "clean"
+    shutil.copytree(work / "clean", previous, ignore=shutil.ignore_patterns("_stage_stamp.json"))
+    before = _digest(previous)
+    real_clean_dataset = flows.clean.clean_dataset
+
+    def leaky_clean_dataset(validated_dir: Path, raw_images: Path, out_dir: Path, settings: dict) -> dict:
+        manifest = real_clean_dataset(validated_dir, raw_images, out_dir, settings)
+        images = pd.read_parquet(Path(out_dir) / "images.parquet")
+        first_test = images.index[images["split"] == "test"][0]
+        images.loc[first_test, "split"] = "train"
+        images.to_parquet(Path(out_dir) / "images.parquet", index=False)
+        return manifest
+
+    monkeypatch.setattr(flows.clean, "clean_dataset", leaky_clean_dataset)
+    with pytest.raises(DataValidationError, match=r"check 'split_matches_product' failed for 1 row\(s\)"):
+        clean_flow(overrides=overrides + [f"data.clean_dir={previous}"])
+    assert _digest(previous) == before, "the layer that broke the contract replaced the previous one"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+    assert (work / "clean_data_docs" / "index.html").is_file()  # the failing run's Data Docs are there to read
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_second_run_on_same_inputs_is_a_no_op(cleaned: tuple[Path, list[str], dict]) -> None:

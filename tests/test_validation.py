@@ -26,6 +26,7 @@ from pipeline_steps.validation import (
     inspect_image_file,
     pil_safety,
     product_checks,
+    validate_clean_layer,
     validate_clean_tables,
     validate_raw,
 )
@@ -383,6 +384,26 @@ def test_clean_tables_missing_column_is_named() -> None:
     products, images, classes = clean_tables()
     with pytest.raises(DataValidationError, match=r"clean products\.parquet is missing column\(s\) 'split'"):
         validate_clean_tables(products.drop(columns="split"), images, classes)
+
+
+def test_clean_layer_on_disk_is_checked_with_its_labels_json(tmp_path: Path) -> None:
+    products, images, classes = clean_tables()
+    layer = tmp_path / "clean"
+    layer.mkdir()
+    products.to_parquet(layer / "products.parquet", index=False)
+    images.to_parquet(layer / "images.parquet", index=False)
+    (layer / "labels.json").write_text(json.dumps({"classes": classes}))
+    summary = validate_clean_layer(layer, tmp_path / "docs")
+    assert summary["products"] == 9 and summary["images"] == 9 and summary["n_classes"] == 3
+    assert (tmp_path / "docs" / "index.html").is_file()
+
+    # labels.json's order is the contract: labels that follow another order fail
+    (layer / "labels.json").write_text(json.dumps({"classes": list(reversed(classes))}))
+    with pytest.raises(DataValidationError, match="check 'label_matches_category' failed"):
+        validate_clean_layer(layer)
+    (layer / "labels.json").unlink()
+    with pytest.raises(DataValidationError, match=r"lacks 'labels\.json'"):
+        validate_clean_layer(layer)
 
 
 def test_importing_validation_leaves_os_environ_unchanged() -> None:
