@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url.rstrip("/")
     tmp = Path(tempfile.mkdtemp(prefix="marketplace-load-"))
     if args.serve_tiny or args.serve_bundle:
-        from service.devtools import ServiceProcess, cached_tiny_bundle
+        from tests.support.serving import ServiceProcess
+        from tests.support.tiny_bundle import cached_tiny_bundle
 
         bundle = args.serve_bundle or cached_tiny_bundle(ROOT / ".benchmarks" / "tiny_bundle")
         server = ServiceProcess(bundle, tmp / "bentoml_home", tmp / "serve.log").start(timeout=300)

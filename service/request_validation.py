@@ -114,6 +114,21 @@ def fit_text(text: str | None, limits: Limits) -> tuple[str | None, dict[str, An
     }
 
 
+def check_location(value: Any, name: str, max_chars: int) -> str | None:
+    """An optional `town` / `county` for the price estimate: stripped, None when absent or blank.
+
+    Matched exactly as the clean stage splits a listing's location ("Leeds, West Yorkshire" ->
+    town "Leeds", county "West Yorkshire"); one the price model never saw counts as no location.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RequestError(f"'{name}' must be a string, got {type(value).__name__}")
+    if len(value) > max_chars:
+        raise RequestError(f"'{name}' is {len(value):,} characters long; send at most {max_chars:,} characters")
+    return value.strip() or None
+
+
 def check_k(k: Any, limits: Limits) -> int:
     """`k` (number of results) must be an integer in [1, max_k]."""
     if isinstance(k, bool) or not isinstance(k, int):

@@ -37,7 +37,7 @@ def bundle_dir(request: pytest.FixtureRequest) -> Path:
     override = os.environ.get("MARKETPLACE_TEST_BUNDLE")
     if override:
         return Path(override)
-    from service.devtools import cached_tiny_bundle
+    from tests.support.tiny_bundle import cached_tiny_bundle
 
     return cached_tiny_bundle(request.config.cache.mkdir("marketplace_tiny_bundle"))
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline_steps import image_features, inference, models, training
 from pipeline_steps.errors import ConfigError
-from service import devtools
+from tests.support import tiny_bundle as devtools
 
 
 @pytest.fixture(autouse=True, scope="module")

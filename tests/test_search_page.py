@@ -26,7 +26,7 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="the python '
 
 @pytest.fixture(scope="module")
 def server(bundle_dir, tmp_path_factory):
-    from service.devtools import ServiceProcess
+    from tests.support.serving import ServiceProcess
 
     tmp = tmp_path_factory.mktemp("search_page")
     proc = ServiceProcess(bundle_dir, tmp / "bentoml_home", tmp / "serve.log")

@@ -27,9 +27,10 @@ import requests
 from PIL import Image
 
 from pipeline_steps.config import PROJECT_ROOT, load_params
-from service.engine import MicroBatcher
+from service.batching import MicroBatcher
 
 SERVE = load_params()["serve"]
+MAX_LOCATION_CHARS = int(load_params()["validation"]["text"]["max_chars"]["location"])
 MAX_K = int(SERVE["max_k"])
 TIMEOUT = 60
 
@@ -44,7 +45,7 @@ def bundle_info(bundle_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def server(bundle_dir, tmp_path_factory):
-    from service.devtools import ServiceProcess
+    from tests.support.serving import ServiceProcess
 
     tmp = tmp_path_factory.mktemp("service")
     proc = ServiceProcess(bundle_dir, tmp / "bentoml_home", tmp / "serve.log")
@@ -211,7 +212,7 @@ def test_engine_refuses_an_index_built_from_another_model_version(mismatched_bun
 
 @pytest.mark.integration
 def test_server_refuses_to_start_with_a_mismatched_index(mismatched_bundle, tmp_path) -> None:
-    from service.devtools import ServiceProcess
+    from tests.support.serving import ServiceProcess
 
     proc = ServiceProcess(mismatched_bundle, tmp_path / "home", tmp_path / "serve.log")
     with pytest.raises(RuntimeError) as info:
@@ -222,7 +223,7 @@ def test_server_refuses_to_start_with_a_mismatched_index(mismatched_bundle, tmp_
 
 @pytest.mark.integration
 def test_server_refuses_a_directory_that_is_not_a_bundle(tmp_path) -> None:
-    from service.devtools import ServiceProcess
+    from tests.support.serving import ServiceProcess
 
     proc = ServiceProcess(tmp_path, tmp_path / "home", tmp_path / "serve.log")
     with pytest.raises(RuntimeError, match="not a serving bundle"):
@@ -284,6 +285,43 @@ def test_predict_text_uses_the_text_model_and_estimates_a_price(url, categories,
     _check_prediction(body, "text", categories, bundle_info)
     assert isinstance(body["price_estimate"], float) and body["price_estimate"] >= 0
     assert body["price_model"]["name"] == bundle_info["models"]["price"]["name"]
+
+
+@pytest.mark.integration
+def test_predict_price_uses_the_given_town_and_county(url, bundle_dir) -> None:
+    """Issue 10: /predict sent a blank town/county to the price model, so the served estimate was not
+    the one the evaluate stage scored. Now: the price model's estimate for the text, the predicted
+    category and the given location, on every input form."""
+    from service.engine import MarketplaceEngine
+
+    price_model = MarketplaceEngine(bundle_dir).price_model
+    text = "Acoustic guitar with case, barely played"
+
+    def expected(category: str, town: str, county: str) -> float:
+        frame = {"text": [text], "category": [category], "town": [town], "county": [county]}
+        return round(float(price_model.predict_price(frame)[0]), 2)
+
+    served = {}
+    for town, county in (("Leeds", "West Yorkshire"), ("Bristol", "Bristol")):
+        body = _post(url, "predict", json_body={"text": text, "town": town, "county": county}).json()
+        assert body["price_estimate"] == pytest.approx(expected(body["category"], town, county), abs=0.011), body
+        served[town] = body["price_estimate"]
+    assert served["Leeds"] != served["Bristol"], "the price model knows both towns: the estimates must differ"
+    # no location given: none is used (as before)
+    body = _post(url, "predict", json_body={"text": text}).json()
+    assert body["price_estimate"] == pytest.approx(expected(body["category"], "", ""), abs=0.011)
+    # multipart, as the search page posts: JSON-encoded and plain text fields
+    for town in (_mp_text("Leeds"), "Leeds"):
+        form = _post(url, "predict", data={"text": _mp_text(text), "town": town, "county": _mp_text("West Yorkshire")})
+        assert form.status_code == 200, form.text
+        assert form.json()["price_estimate"] == served["Leeds"]
+
+
+@pytest.mark.integration
+def test_openapi_schema_documents_the_price_location(url) -> None:
+    spec = requests.get(f"{url}/docs.json", timeout=TIMEOUT).json()
+    body = json.dumps(spec["paths"]["/predict"])
+    assert "town" in body and "county" in body
 
 
 @pytest.mark.integration
@@ -518,6 +556,8 @@ def _bad_requests(photo: bytes) -> list[tuple[str, str, dict, int, str]]:
         ("predict-text-not-string", "predict", {"json_body": {"text": 42}}, 400, "string"),
         ("predict-image-as-text-field", "predict", {"data": {"image": "http://127.0.0.1:1/x.jpg"}}, 400, "file"),
         ("predict-image-in-json", "predict", {"json_body": {"image": "aGVsbG8="}}, 400, "image"),
+        ("predict-town-not-string", "predict", {"json_body": {"text": "table", "town": 42}}, 400, "town"),
+        ("predict-county-too-long", "predict", {"json_body": {"text": "table", "county": "x" * (MAX_LOCATION_CHARS + 1)}}, 400, "county"),
     ]
 
 
@@ -575,7 +615,7 @@ def test_malformed_bodies_get_4xx(url) -> None:
 @pytest.mark.integration
 def test_packaging_into_the_model_store_and_a_bento_that_serves(bundle_dir, tmp_path) -> None:
     """save_bundle_to_bentoml + build_bento, then `bentoml serve <bento>` without MARKETPLACE_BUNDLE_DIR."""
-    from service.devtools import free_port
+    from tests.support.serving import free_port
 
     home = tmp_path / "bentoml_home"
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
@@ -663,6 +703,7 @@ def test_bentofile_packs_only_project_code_even_with_the_store_inside_the_projec
         "bentoml_home/bentos/marketplace-search/abc/src/params.yaml",
         "bentoml_home/tmp/bentoml_bento_x/src/service/service.py",
         "service/devtools.py",
+        "tests/support/tiny_bundle.py",
         "artifacts/bundle/info.json",
         "mlruns/mlflow.db",
     ):

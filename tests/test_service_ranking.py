@@ -19,7 +19,7 @@ TIMEOUT = 60
 
 @pytest.fixture(scope="module")
 def url(bundle_dir, tmp_path_factory):
-    from service.devtools import ServiceProcess
+    from tests.support.serving import ServiceProcess
 
     tmp = tmp_path_factory.mktemp("service_ranking")
     proc = ServiceProcess(bundle_dir, tmp / "bentoml_home", tmp / "serve.log")

@@ -1,6 +1,7 @@
-"""Development helpers for the service: a tiny real bundle and a `bentoml serve` subprocess.
+"""A tiny real serving bundle for tests and benchmarks (test tooling, not shipped with the service).
 
-Used by tests/test_service.py, tests/test_search_page.py and benchmarks/load_test.py.
+Used by tests/conftest.py (the `bundle_dir` fixture), tests/test_pretrained_image.py and
+benchmarks/load_test.py; `tests/support/serving.py` serves it.
 
 * `make_tiny_clean_dir(dir)` writes a small dataset following the Clean contract
   (docs/ARCHITECTURE.md, "Clean"): 3 categories, distinctive words and photo colours.
@@ -8,21 +9,13 @@ Used by tests/test_service.py, tests/test_search_page.py and benchmarks/load_tes
   pipeline's own training functions (image, text, multimodal, price), builds their
   indexes with pipeline_steps.index and packages a bundle with
   pipeline_steps.packaging.assemble_bundle. CPU, about a minute.
-* `ServiceProcess` starts `bentoml serve service.service:MarketplaceSearch` on a free
-  port with MARKETPLACE_BUNDLE_DIR/BENTOML_HOME set, waits for /readyz and stops it
-  (terminate the process group, wait, kill).
+* `cached_tiny_bundle(cache_root)` reuses one per version of the code it depends on.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +26,6 @@ from PIL import Image
 
 from pipeline_steps.config import PROJECT_ROOT, load_params
 
-SERVICE_TARGET = "service.service:MarketplaceSearch"
 MODEL_VERSION = "1"
 
 # category -> (photo colour, words)
@@ -186,10 +178,10 @@ def _source_fingerprint() -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    files = sorted((PROJECT_ROOT / "pipeline_steps").glob("*.py")) + [Path(__file__), PROJECT_ROOT / "params.yaml"]
+    files = sorted((PROJECT_ROOT / "pipeline_steps").rglob("*.py")) + [Path(__file__), PROJECT_ROOT / "params.yaml"]
     for path in files:
         if path.is_file():
-            digest.update(path.name.encode())
+            digest.update(str(path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path.name).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -214,112 +206,3 @@ def cached_tiny_bundle(cache_root: str | Path, progress: bool = False) -> Path:
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
         return build_tiny_bundle(workdir, progress=progress)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServiceProcess:
-    """`bentoml serve` of the marketplace service in a subprocess (its own process group)."""
-
-    def __init__(
-        self,
-        bundle_dir: str | Path,
-        bentoml_home: str | Path,
-        log_path: str | Path,
-        port: int | None = None,
-        extra_env: Mapping[str, str] | None = None,
-    ) -> None:
-        self.bundle_dir = Path(bundle_dir)
-        self.bentoml_home = Path(bentoml_home)
-        self.log_path = Path(log_path)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.extra_env = dict(extra_env or {})
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log = None
-
-    def env(self) -> dict[str, str]:
-        env = {
-            **os.environ,
-            "MARKETPLACE_BUNDLE_DIR": str(self.bundle_dir),
-            "BENTOML_HOME": str(self.bentoml_home),
-            "BENTOML_DO_NOT_TRACK": "true",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-        env.update(self.extra_env)
-        return env
-
-    def start(self, timeout: float = 180.0) -> ServiceProcess:
-        import requests
-
-        self.bentoml_home.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("wb")
-        cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_TARGET, "--port", str(self.port), "--host", "127.0.0.1"]
-        self.proc = subprocess.Popen(
-            cmd, cwd=PROJECT_ROOT, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"`bentoml serve` exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"service not ready within {timeout:.0f}s:\n{self.log_tail()}")
-
-    def wait_exit(self, timeout: float) -> int | None:
-        """Wait for the server to exit on its own (e.g. refusing a bad bundle); its return code or None."""
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def log_tail(self, n_chars: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n_chars:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the server's process group, wait, then SIGKILL what is left."""
-        proc = self.proc
-        if proc is not None:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    pass
-            try:  # workers left behind in the group
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> ServiceProcess:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
