@@ -309,22 +309,21 @@ def clean_products(raw: pd.DataFrame, cleaning_params: Mapping[str, Any]) -> Pro
     once the photos are known.
     """
     require_columns(raw, REQUIRED_PRODUCT_COLUMNS, "products.parquet")
-    text_params = cleaning_params.get("text", {}) or {}
-    frame = normalise_products(in_source_order(raw), bool(text_params.get("strip_gumtree_suffix", True)))
+    frame = normalise_products(in_source_order(raw), bool(cleaning_params["text"]["strip_gumtree_suffix"]))
     require_unique(frame, "product_id", "products.parquet")
     frame, unusable = reject_unusable(frame)
-    subset = dedupe_columns(frame, cleaning_params.get("dedupe_subset", []))
+    subset = dedupe_columns(frame, cleaning_params["dedupe_subset"])
     frame, duplicates = drop_duplicates(frame, subset)
-    frame, rare = reject_rare_classes(frame, int(cleaning_params.get("min_products_per_class", 1)))
+    frame, rare = reject_rare_classes(frame, int(cleaning_params["min_products_per_class"]))
     if frame.empty:
         raise DataValidationError(
             "no product left after cleaning: check rejects.csv and cleaning.min_products_per_class"
         )
     labels = build_labels(frame["category"])
-    outlier = cleaning_params.get("price_outlier", {}) or {}
+    outlier = cleaning_params["price_outlier"]
     frame = frame.assign(
         label=frame["category"].map(labels["label_to_index"]).astype("int64"),
-        price_is_outlier=flag_price_outliers(frame["price"], outlier.get("min_price"), outlier.get("max_price")),
+        price_is_outlier=flag_price_outliers(frame["price"], outlier["min_price"], outlier["max_price"]),
     )
     products = frame.sort_values("product_id", kind="stable").reset_index(drop=True)
     stats = {
@@ -485,8 +484,20 @@ def rejects_of(rejects: pd.DataFrame, source_file: str, reason: str) -> int:
 # --------------------------------------------------------------------------- the stage
 
 
-def clean_dataset(validated_dir: Path, raw_images_dir: Path, out_dir: Path, cleaning_params: dict) -> dict:
+def clean_dataset(
+    validated_dir: Path, raw_images_dir: Path, out_dir: Path, cleaning_params: dict, progress: bool = True
+) -> dict:
     """Run the clean stage: read the validated layer, write the clean layer, return the manifest.
+
+    Args:
+        validated_dir: the validate stage's layer (products.parquet, images.parquet).
+        raw_images_dir: the raw export's photos (read, never modified).
+        out_dir: the clean layer to (re)build.
+        cleaning_params: params.yaml's `cleaning` section.
+        progress: show a progress bar while photos are converted (off in tests).
+
+    Returns:
+        The manifest (counts, rejects by reason, labels), also written as manifest.json.
 
     Settings are checked before any work. The whole layer (photos, tables, manifest.json
     last) is written into a temporary sibling folder that replaces out_dir as a whole: no
@@ -496,7 +507,7 @@ def clean_dataset(validated_dir: Path, raw_images_dir: Path, out_dir: Path, clea
     validated_dir, raw_images_dir, out_dir = Path(validated_dir), Path(raw_images_dir), Path(out_dir)
     image_size, pad_colour = image_settings(cleaning_params)
     workers = worker_setting(cleaning_params)
-    split_settings(cleaning_params.get("split", {}))
+    split_settings(cleaning_params["split"])
     raw_products = read_validated(validated_dir / "products.parquet")
     raw_images = read_validated(validated_dir / "images.parquet")
 
@@ -511,10 +522,10 @@ def clean_dataset(validated_dir: Path, raw_images_dir: Path, out_dir: Path, clea
         tmp_images.mkdir()
         results = convert_images(
             image_tasks(linked, raw_images_dir, tmp_images), image_size, pad_colour,
-            workers=workers, progress=bool(cleaning_params.get("progress", True)),
+            workers=workers, progress=progress,
         )
         images, image_rejects, by_mode = apply_image_results(linked, results)
-        products, images = assign_splits(count_images(cleaned.products, images), images, cleaning_params.get("split", {}))
+        products, images = assign_splits(count_images(cleaned.products, images), images, cleaning_params["split"])
         products, images = products[PRODUCT_COLUMNS], images[IMAGE_COLUMNS]
         listings = build_listings(products, images)
         rejects = sort_rejects(concat_rejects([cleaned.rejects, link_rejects, image_rejects]))
@@ -533,10 +544,10 @@ def clean_dataset(validated_dir: Path, raw_images_dir: Path, out_dir: Path, clea
 
 def image_settings(cleaning_params: Mapping[str, Any]) -> tuple[int, tuple[int, int, int]]:
     """Check image_size and pad_colour before any work, naming the params.yaml key at fault."""
-    size = cleaning_params.get("image_size")
+    size = cleaning_params["image_size"]
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ConfigError(f"params.yaml key 'cleaning.image_size' must be a positive integer, got {size!r}")
-    pad = cleaning_params.get("pad_colour", [0, 0, 0])
+    pad = cleaning_params["pad_colour"]
     if not isinstance(pad, (list, tuple)) or len(pad) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in pad):
         raise ConfigError(f"params.yaml key 'cleaning.pad_colour' must be three integers 0..255, got {pad!r}")
     return size, (pad[0], pad[1], pad[2])
@@ -544,7 +555,7 @@ def image_settings(cleaning_params: Mapping[str, Any]) -> tuple[int, tuple[int, 
 
 def worker_setting(cleaning_params: Mapping[str, Any]) -> int | str:
     """`cleaning.num_workers`: threads converting photos (1 = in this thread, 'auto' = one per CPU)."""
-    workers = cleaning_params.get("num_workers", 1)
+    workers = cleaning_params["num_workers"]
     if workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
         return workers
     raise ConfigError(f"params.yaml key 'cleaning.num_workers' must be a positive integer or 'auto', got {workers!r}")

@@ -126,38 +126,32 @@ class RankingSettings:
 
     @classmethod
     def from_params(cls, index_params: Mapping[str, Any]) -> RankingSettings:
-        ranking = dict(index_params.get("ranking") or {})
-        lexical = dict(index_params.get("lexical") or {})
+        """From params.yaml's `index` section (its `ranking` and `lexical` parts, checked by the schema)."""
+        from pipeline_steps import settings
 
-        def weight(key: str) -> float | None:
-            value = ranking.get(key, "auto")
-            return None if value in (None, "auto") else float(value)
+        ranking = settings.section(settings.RankingSettings, index_params["ranking"], "index.ranking")
+        lexical = settings.section(settings.LexicalSettings, index_params["lexical"], "index.lexical")
 
-        fusion = str(ranking.get("fusion", "auto"))
-        require_choice(fusion, "index.ranking.fusion", ("auto", *FUSIONS))
-        fit_metric = str(ranking.get("fit_metric", "ndcg@10"))
-        if not (fit_metric.startswith("ndcg@") or fit_metric.startswith("precision@")):
-            raise ConfigError(f"index.ranking.fit_metric must be ndcg@K or precision@K, got {fit_metric!r}")
-        fusion_grid = tuple(str(f) for f in ranking.get("fusion_grid", ["blend", "rrf"]))
-        for f in fusion_grid:
-            require_choice(f, "index.ranking.fusion_grid", FUSIONS)
+        def weight(value: float | str) -> float | None:
+            return None if value == "auto" else float(value)
+
         return cls(
-            fusion=fusion,
-            lexical_weight=weight("lexical_weight"),
-            category_weight=weight("category_weight"),
-            n_candidates=int(ranking.get("n_candidates", 100)),
-            rrf_k=int(ranking.get("rrf_k", 60)),
-            fit_metric=fit_metric,
-            lexical_weight_grid=tuple(float(x) for x in ranking.get("lexical_weight_grid", [0.0, 0.25, 0.5, 0.75])),
-            category_weight_grid=tuple(float(x) for x in ranking.get("category_weight_grid", [0.0, 0.3, 1.0])),
-            fusion_grid=fusion_grid,
-            neighbour_weight=weight("neighbour_weight"),
-            neighbour_weight_grid=tuple(float(x) for x in ranking.get("neighbour_weight_grid", [0.0])),
-            neighbour_k=int(ranking.get("neighbour_k", 10)),
-            k1=float(lexical.get("k1", 1.2)),
-            b=float(lexical.get("b", 0.75)),
-            title_weight=int(lexical.get("title_weight", 2)),
-            min_df=int(lexical.get("min_df", 1)),
+            fusion=ranking.fusion,
+            lexical_weight=weight(ranking.lexical_weight),
+            category_weight=weight(ranking.category_weight),
+            n_candidates=ranking.n_candidates,
+            rrf_k=ranking.rrf_k,
+            fit_metric=ranking.fit_metric,
+            lexical_weight_grid=tuple(ranking.lexical_weight_grid),
+            category_weight_grid=tuple(ranking.category_weight_grid),
+            fusion_grid=tuple(ranking.fusion_grid),
+            neighbour_weight=weight(ranking.neighbour_weight),
+            neighbour_weight_grid=tuple(ranking.neighbour_weight_grid),
+            neighbour_k=ranking.neighbour_k,
+            k1=lexical.k1,
+            b=lexical.b,
+            title_weight=lexical.title_weight,
+            min_df=lexical.min_df,
         )
 
     def candidate_configs(self, has_lexical: bool) -> list[RankingConfig]:

@@ -15,7 +15,7 @@ torch into every stage: tests/test_settings.py checks that both lists agree.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
@@ -397,6 +397,15 @@ def _describe(key: str, errors: list[Mapping[str, Any]]) -> str:
     return f"key '{key}' is {errors[0].get('input')!r}: " + "; or ".join(messages)
 
 
+def _problems(error: ValidationError, prefix: str = "") -> str:
+    """Every offending key of a ValidationError, one per line."""
+    by_key: dict[str, list[Mapping[str, Any]]] = {}
+    for item in error.errors():
+        key = _key(item["loc"])
+        by_key.setdefault(f"{prefix}.{key}" if prefix and key != "<top level>" else (prefix or key), []).append(item)
+    return "\n  ".join(_describe(key, errors) for key, errors in by_key.items())
+
+
 def validate(params: Mapping[str, Any], source: str = "params.yaml") -> Settings:
     """Check a whole params mapping against the schema.
 
@@ -413,8 +422,24 @@ def validate(params: Mapping[str, Any], source: str = "params.yaml") -> Settings
     try:
         return Settings.model_validate(dict(params))
     except ValidationError as error:
-        by_key: dict[str, list[Mapping[str, Any]]] = {}
-        for item in error.errors():
-            by_key.setdefault(_key(item["loc"]), []).append(item)
-        lines = "\n  ".join(_describe(key, errors) for key, errors in by_key.items())
-        raise ConfigError(f"{source} is not valid:\n  {lines}") from None
+        raise ConfigError(f"{source} is not valid:\n  {_problems(error)}") from None
+
+
+SectionT = TypeVar("SectionT", bound=Section)
+
+
+def section(model: type[SectionT], values: Mapping[str, Any], key: str) -> SectionT:
+    """One section of params.yaml as typed settings (for a step given only its own section).
+
+    Args:
+        model: the section's class, e.g. RankingSettings.
+        values: the section's mapping, e.g. params["index"]["ranking"].
+        key: its dotted path in params.yaml, for the message, e.g. "index.ranking".
+
+    Raises:
+        ConfigError: naming every offending key under `key`.
+    """
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as error:
+        raise ConfigError(f"params.yaml section '{key}' is not valid:\n  {_problems(error, key)}") from None

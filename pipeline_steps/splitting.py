@@ -23,17 +23,15 @@ import pandas as pd
 from pipeline_steps.errors import ConfigError, DataValidationError
 
 SPLITS = ("train", "val", "test")
-DEFAULT_SEED = 13
-DEFAULT_VAL_FRACTION = 0.15
-DEFAULT_TEST_FRACTION = 0.15
 
 
 def split_settings(split_params: Mapping[str, Any] | None) -> tuple[float, float, int]:
     """(val_fraction, test_fraction, seed) from the `cleaning.split` section, checked."""
     params = split_params or {}
-    val = params.get("val_fraction", DEFAULT_VAL_FRACTION)
-    test = params.get("test_fraction", DEFAULT_TEST_FRACTION)
-    seed = params.get("seed", DEFAULT_SEED)
+    for key in ("val_fraction", "test_fraction", "seed"):
+        if key not in params:
+            raise ConfigError(f"params.yaml key 'cleaning.split.{key}' is missing")
+    val, test, seed = params["val_fraction"], params["test_fraction"], params["seed"]
     for key, value in (("val_fraction", val), ("test_fraction", test)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
             raise ConfigError(f"params.yaml key 'cleaning.split.{key}' must be a number in [0, 1), got {value!r}")
@@ -70,9 +68,9 @@ def class_generator(seed: int, class_name: str) -> np.random.Generator:
 def split_products(
     product_ids: Sequence[str] | pd.Series,
     labels: Sequence[Any] | pd.Series,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = DEFAULT_SEED,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
 ) -> dict[str, str]:
     """Map each product id to 'train', 'val' or 'test', stratified by label."""
     frame = pd.DataFrame({"product_id": list(product_ids), "label": list(labels)})

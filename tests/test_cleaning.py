@@ -38,7 +38,6 @@ PARAMS = {
     "text": {"strip_gumtree_suffix": True},
     "split": {"seed": 13, "val_fraction": 0.25, "test_fraction": 0.25},
     "num_workers": 1,
-    "progress": False,
 }
 
 
@@ -332,7 +331,7 @@ def test_clean_dataset_end_to_end(tmp_path: Path) -> None:
     validated, raw_images = _validated_layer(tmp_path)
     out = tmp_path / "clean"
 
-    manifest = clean_dataset(validated, raw_images, out, PARAMS)
+    manifest = clean_dataset(validated, raw_images, out, PARAMS, progress=False)
 
     products = pd.read_parquet(out / "products.parquet")
     images = pd.read_parquet(out / "images.parquet")
@@ -396,11 +395,11 @@ def test_clean_dataset_end_to_end(tmp_path: Path) -> None:
 def test_rerun_gives_identical_files_and_replaces_stale_photos(tmp_path: Path) -> None:
     validated, raw_images = _validated_layer(tmp_path)
     out = tmp_path / "clean"
-    clean_dataset(validated, raw_images, out, PARAMS)
+    clean_dataset(validated, raw_images, out, PARAMS, progress=False)
     first = _digest(out)
     (out / "images" / "stale.jpg").write_bytes(b"left over from an older run")
 
-    clean_dataset(validated, raw_images, out, {**PARAMS, "num_workers": 2})  # threads: same bytes
+    clean_dataset(validated, raw_images, out, {**PARAMS, "num_workers": 2}, progress=False)  # threads: same bytes
 
     assert _digest(out) == first
     assert not list(out.glob(".*"))  # no temporary files left behind
@@ -409,26 +408,26 @@ def test_rerun_gives_identical_files_and_replaces_stale_photos(tmp_path: Path) -
 def test_a_failing_run_leaves_the_previous_clean_layer_untouched(tmp_path: Path) -> None:
     validated, raw_images = _validated_layer(tmp_path)
     out = tmp_path / "clean"
-    clean_dataset(validated, raw_images, out, PARAMS)
+    clean_dataset(validated, raw_images, out, PARAMS, progress=False)
     before = _digest(out)
 
     with pytest.raises(DataValidationError):
-        clean_dataset(validated, raw_images, out, {**PARAMS, "min_products_per_class": 1000})
+        clean_dataset(validated, raw_images, out, {**PARAMS, "min_products_per_class": 1000}, progress=False)
 
     assert _digest(out) == before
 
 
 def test_bad_image_params_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cleaning.image_size"):
-        clean_dataset(tmp_path, tmp_path, tmp_path / "out", {**PARAMS, "image_size": 0})
+        clean_dataset(tmp_path, tmp_path, tmp_path / "out", {**PARAMS, "image_size": 0}, progress=False)
     with pytest.raises(ConfigError, match="cleaning.pad_colour"):
-        clean_dataset(tmp_path, tmp_path, tmp_path / "out", {**PARAMS, "pad_colour": [0, 0]})
+        clean_dataset(tmp_path, tmp_path, tmp_path / "out", {**PARAMS, "pad_colour": [0, 0]}, progress=False)
     with pytest.raises(ConfigError, match="cleaning.num_workers"):
-        clean_dataset(tmp_path, tmp_path, tmp_path / "out", {**PARAMS, "num_workers": 0})
+        clean_dataset(tmp_path, tmp_path, tmp_path / "out", {**PARAMS, "num_workers": 0}, progress=False)
     with pytest.raises(ConfigError, match="cleaning.split.val_fraction"):
-        clean_dataset(tmp_path, tmp_path, tmp_path / "out", {**PARAMS, "split": {"val_fraction": 2}})
+        clean_dataset(tmp_path, tmp_path, tmp_path / "out", {**PARAMS, "split": {**PARAMS["split"], "val_fraction": 2}}, progress=False)
     with pytest.raises(DataValidationError, match="validate stage"):
-        clean_dataset(tmp_path, tmp_path, tmp_path / "out", PARAMS)
+        clean_dataset(tmp_path, tmp_path, tmp_path / "out", PARAMS, progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -37,7 +37,7 @@ from pipeline_steps.validation import validate_raw
 from tests.flow_helpers import tiny_raw_export
 
 ROOT = Path(__file__).resolve().parents[1]
-CLEANING = {**load_params()["cleaning"], "image_size": 32, "min_products_per_class": 3, "progress": False}
+CLEANING = {**load_params()["cleaning"], "image_size": 32, "min_products_per_class": 3}
 VALIDATION = load_params()["validation"]
 
 
@@ -68,14 +68,14 @@ def layers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("crash")
     raw = tiny_raw_export(work / "raw")
     validate_raw(raw, work / "validated", VALIDATION, work / "docs")
-    clean_dataset(work / "validated", raw / "images", work / "reference", CLEANING)
-    clean_dataset(work / "validated", raw / "images", work / "previous", {**CLEANING, "image_size": 24})
+    clean_dataset(work / "validated", raw / "images", work / "reference", CLEANING, progress=False)
+    clean_dataset(work / "validated", raw / "images", work / "previous", {**CLEANING, "image_size": 24}, progress=False)
     return {"work": work, "raw": raw}
 
 
 CLEAN_CODE = """
 from pipeline_steps.cleaning import clean_dataset
-clean_dataset(Path(ARGS["validated"]), Path(ARGS["images"]), Path(ARGS["out"]), ARGS["params"])
+clean_dataset(Path(ARGS["validated"]), Path(ARGS["images"]), Path(ARGS["out"]), ARGS["params"], progress=False)
 """
 
 
@@ -101,7 +101,7 @@ def test_clean_killed_anywhere_keeps_the_old_layer_and_reruns_to_the_same_output
     assert leftovers(out) == [], "a temporary was left inside the clean layer, where readers look"
     assert leftovers(out.parent), "the killed run should have left its temporary beside the layer"
 
-    clean_dataset(work / "validated", layers["raw"] / "images", out, CLEANING)
+    clean_dataset(work / "validated", layers["raw"] / "images", out, CLEANING, progress=False)
     assert tree(out) == tree(work / "reference"), "the rerun differs from an uninterrupted run"
     assert leftovers(out.parent) == [], "the rerun did not sweep the killed run's temporaries"
 

@@ -51,7 +51,7 @@ PARAMS: dict[str, Any] = {
     "location_requires_county": False,
 }
 CLEANING = {"min_products_per_class": 1, "dedupe_subset": ["product_name", "location", "product_description", "price"],
-            "text": {"strip_gumtree_suffix": True}}
+            "text": {"strip_gumtree_suffix": True}, "price_outlier": {"max_price": 100000.0, "min_price": 0.0}}
 PROFILE = settings(
     max_examples=10,
     deadline=None,

@@ -96,20 +96,37 @@ def test_fusion_rules_and_category_term() -> None:
     assert category[list(c.keys).index("p1")] == pytest.approx(2.0 * 0.1)
 
 
+# A complete `index` section for RankingSettings.from_params (every key is required); the tests
+# below change only what they are about.
+BASE_RANKING = {
+    "fusion": "auto", "fusion_grid": ["blend", "rrf"], "lexical_weight": "auto",
+    "lexical_weight_grid": [0.0, 0.25, 0.5, 0.75], "category_weight": "auto", "category_weight_grid": [0.0, 0.3, 1.0],
+    "neighbour_weight": "auto", "neighbour_weight_grid": [0.0], "neighbour_k": 10, "n_candidates": 100, "rrf_k": 60,
+    "fit_metric": "ndcg@10",
+}
+BASE_LEXICAL = {"k1": 1.2, "b": 0.75, "title_weight": 2, "min_df": 1}
+
+
+def _index_section(**ranking: object) -> dict:
+    return {"ranking": {**BASE_RANKING, **ranking}, "lexical": dict(BASE_LEXICAL)}
+
+
 def test_config_checks_and_settings_grid() -> None:
     with pytest.raises(ConfigError):
         RankingConfig("bogus")
     with pytest.raises(ConfigError):
         RankingConfig("blend", 1.5)
-    settings = RankingSettings.from_params({"ranking": {"fusion": "auto", "lexical_weight_grid": [0.0, 0.5],
-                                                        "category_weight_grid": [0.0, 1.0]}})
+    settings = RankingSettings.from_params(_index_section(fusion="auto", lexical_weight_grid=[0.0, 0.5],
+                                                           category_weight_grid=[0.0, 1.0]))
     configs = settings.candidate_configs(has_lexical=True)
     assert {c.fusion for c in configs} == {"blend", "rrf"} and len(configs) == 2 * 2 + 2
     assert {c.fusion for c in settings.candidate_configs(has_lexical=False)} == {"dense"}
-    fixed = RankingSettings.from_params({"ranking": {"fusion": "rrf", "category_weight": 0.3}})
+    fixed = RankingSettings.from_params(_index_section(fusion="rrf", category_weight=0.3))
     assert [(c.fusion, c.category_weight) for c in fixed.candidate_configs(True)] == [("rrf", 0.3)]
     with pytest.raises(ConfigError):
-        RankingSettings.from_params({"ranking": {"fit_metric": "mrr"}})
+        RankingSettings.from_params(_index_section(fit_metric="mrr"))
+    with pytest.raises(ConfigError, match="index.ranking.n_candidates"):
+        RankingSettings.from_params({"ranking": {"fusion": "rrf"}, "lexical": BASE_LEXICAL})  # no hidden defaults
 
 
 def _synthetic(n_per_class: int = 30, n_classes: int = 3, seed: int = 0):
@@ -145,7 +162,7 @@ def test_fit_and_report_beats_dense_and_saves_a_loadable_ranker(tmp_path) -> Non
     index = SimilarityIndex.build(vectors, ids[["product_id", "image_id"]], kind="text", factory="Flat",
                                   use_gpu=False, model_name="m", model_version="1")
     index.save(tmp_path / "text")
-    settings = RankingSettings.from_params({"ranking": {"n_candidates": 20}})
+    settings = RankingSettings.from_params(_index_section(n_candidates=20))
     report = fit_and_report({"text": KindData(index, vectors, ids, probs, classes)}, products, settings,
                             index_dirs={"text": tmp_path / "text"})
     test = report["text"]["test"]

@@ -85,7 +85,7 @@ def test_tiny_classes_still_get_a_training_example() -> None:
 
 def test_duplicate_products_are_refused() -> None:
     with pytest.raises(DataValidationError, match="one row per product"):
-        split_products(["a", "a"], ["X", "X"])
+        split_products(["a", "a"], ["X", "X"], 0.15, 0.15, 13)
 
 
 @pytest.mark.parametrize(
@@ -93,8 +93,15 @@ def test_duplicate_products_are_refused() -> None:
     [{"val_fraction": 0.6, "test_fraction": 0.5}, {"val_fraction": -0.1}, {"test_fraction": "0.2"}, {"seed": 1.5}],
 )
 def test_bad_split_params_name_the_key(params: dict) -> None:
-    with pytest.raises(ConfigError, match="cleaning.split"):
-        split_settings(params)
+    with pytest.raises(ConfigError, match="cleaning.split") as error:
+        split_settings({**PARAMS, **params})
+    assert "missing" not in str(error.value)
+
+
+@pytest.mark.parametrize("key", ["val_fraction", "test_fraction", "seed"])
+def test_a_missing_split_key_is_named_not_defaulted(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"cleaning.split.{key}' is missing"):
+        split_settings({k: v for k, v in PARAMS.items() if k != key})
 
 
 def test_images_of_unknown_products_are_an_error() -> None:

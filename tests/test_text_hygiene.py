@@ -19,7 +19,8 @@ from pipeline_steps.text_hygiene import CONTROL_REGEX, INVALID_REGEX, shown_valu
 from pipeline_steps.validation import validate_raw
 from tests.test_validation import PARAMS, image_bytes, product, write_export
 
-CLEANING = {"min_products_per_class": 1, "dedupe_subset": ["product_name", "location", "product_description", "price"]}
+CLEANING = {"min_products_per_class": 1, "dedupe_subset": ["product_name", "location", "product_description", "price"],
+            "text": {"strip_gumtree_suffix": True}, "price_outlier": {"max_price": 100000.0, "min_price": 0.0}}
 
 
 def hostile_export(root: Path) -> Path:
