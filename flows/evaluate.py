@@ -8,53 +8,26 @@ so the MLflow UI's run comparison lines the models up.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import mlflow
-import numpy as np
 from prefect import flow, task
 
 from flows import tracking
 from flows.common import base_parser, load_params, path_of, run_cli
-from pipeline_steps import evaluation, inference, registry
-from pipeline_steps.baselines import evaluate_baseline
+from pipeline_steps import evaluation
 from pipeline_steps.config import existing_dir, require_choice
+from pipeline_steps.evaluation import (
+    CATEGORY_MODEL_KEY,
+    CLASSIFIER_KINDS,
+    MODEL_RUN_KEY,
+    PRICE_CATEGORY_KIND,
+    SKLEARN_KINDS,
+    SPLIT_HASH_KEY,
+)
 from pipeline_steps.io_utils import read_json
 
-CLASSIFIERS = ("image", "text", "multimodal")
-SKLEARN = ("text-baseline", "pixel-baseline", "price")
-MODELS = (*SKLEARN, *CLASSIFIERS)
-MODEL_RUN_KEY = "model_run_id"
-SPLIT_HASH_KEY = "test_split_hash"
-
-
-class Scored(NamedTuple):
-    metrics: dict[str, Any]
-    y_true: np.ndarray
-    y_pred: np.ndarray
-    classes: list[str]
-    ids: list[str]  # product_id of each scored row (one per photo for the image models)
-
-
-def score_model(kind: str, model_dir: Path, clean_dir: Path) -> Scored:
-    """Test-split metrics, (y_true, y_pred) for the confusion matrix and the ids of the scored rows.
-
-    Also used by the register stage to re-score a champion on the current test split.
-    """
-    if kind in CLASSIFIERS:
-        classifier = inference.load_classifier(model_dir)
-        prediction = inference.predict_split(classifier, clean_dir, "test")
-        metrics = evaluation.classification_metrics(prediction.labels, prediction.proba, classifier.classes)
-        metrics["unit"] = "image" if kind == "image" else "product"
-        ids = prediction.ids["product_id"].astype(str).tolist()
-        return Scored(metrics, prediction.labels, prediction.proba.argmax(axis=1), classifier.classes, ids)
-    result = evaluate_baseline(model_dir, clean_dir, "test")
-    metrics = result["metrics"]
-    classes = read_json(clean_dir / "labels.json")["classes"]
-    if kind != "price":
-        metrics["unit"] = "image" if kind == "pixel-baseline" else "product"
-    return Scored(metrics, np.asarray(result["y_true"]), np.asarray(result["y_pred"]), classes, result["ids"])
+MODELS = (*SKLEARN_KINDS, *CLASSIFIER_KINDS)
 
 
 @task(name="evaluate-model")
@@ -65,11 +38,20 @@ def evaluate_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
         raise FileNotFoundError(f"{model_dir} holds no trained model: run the train stage first")
     metrics_dir = path_of(settings, "evaluate.metrics_dir")
     plots_dir = path_of(settings, "evaluate.plots_dir")
-    metrics, y_true, y_pred, classes, ids = score_model(kind, model_dir, clean_dir)
+    # the price model is scored as served: with the category the classifier beside it predicts
+    category_model_dir = path_of(settings, "train.models_dir") / PRICE_CATEGORY_KIND if kind == "price" else None
+    if category_model_dir is not None and not (category_model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{category_model_dir} holds no trained model: the price model is scored with the category the "
+            f"{PRICE_CATEGORY_KIND} classifier predicts (as the service does); train it first"
+        )
+    metrics, y_true, y_pred, classes, ids = evaluation.score_model(kind, model_dir, clean_dir, category_model_dir)
     metrics["split"] = "test"
     # what register checks: these numbers belong to this model (its training run) and these rows
     metrics[MODEL_RUN_KEY] = tracking.run_id_of(model_dir)
-    metrics[SPLIT_HASH_KEY] = registry.split_hash(ids)
+    metrics[SPLIT_HASH_KEY] = evaluation.split_hash(ids)
+    if category_model_dir is not None:
+        metrics[CATEGORY_MODEL_KEY] = tracking.run_id_of(category_model_dir)
     evaluation.write_metrics_json(metrics_dir / f"{kind}.json", metrics)
 
     figures = []
@@ -88,8 +70,9 @@ def evaluate_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
         mlflow.log_metrics(evaluation.flatten_metrics(metrics, "test"))
         mlflow.log_dict(evaluation._json_safe(metrics), "evaluation/test_metrics.json")
         for figure in figures:
-            mlflow.log_artifact(str(figure), artifact_path="plots")
-    headline = {k: metrics[k] for k in ("accuracy", "macro_f1", "top3_accuracy", "median_abs_error", "r2_log") if k in metrics}
+            tracking.log_figure_file(figure, "plots")
+    headline = {k: metrics[k] for k in ("accuracy", "macro_f1", "top3_accuracy", "median_abs_error",
+                                         "median_abs_error_true_category", "r2_log") if k in metrics}
     print(f"{kind}: " + ", ".join(f"{k}={v:.3f}" for k, v in headline.items()))
     return metrics
 

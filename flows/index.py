@@ -9,65 +9,26 @@ can find "the index that belongs to the champion".
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow import MlflowClient
 from prefect import flow, task
 
 from flows import ranking_step, tracking
 from flows.champions import fetch_champion_task
 from flows.common import base_parser, fingerprint_paths, load_params, path_of, run_cli
-from pipeline_steps import inference, registry, retrieval
+from pipeline_steps import inference, registry
 from pipeline_steps.config import existing_dir, require_choice
 from pipeline_steps.embeddings import CacheKey, EmbeddingStore
 from pipeline_steps.evaluation import write_metrics_json
 from pipeline_steps.index import IndexSettings, SimilarityIndex
-from pipeline_steps.io_utils import read_json
-from pipeline_steps.visualise import save_neighbour_grid
+from pipeline_steps.index_quality import index_quality_metrics
+from pipeline_steps.visualise import neighbour_figure
 
 KINDS = ("image", "text", "multimodal", "price")
 INDEX_KINDS = ("image", "text", "multimodal")
-
-
-def _retrieval_metrics(built: SimilarityIndex, vectors: np.ndarray, ids: pd.DataFrame, settings: dict[str, Any]) -> dict[str, float]:
-    """Same-category precision@k of test queries (own product excluded), plus recall/latency for ANN."""
-    test = (ids["split"] == "test").to_numpy()
-    if not test.any():
-        return {}
-    ks = tuple(int(k) for k in settings["index"]["eval_k"])
-    metrics = retrieval.precision_at_k(
-        built, vectors[test], ids.loc[test, "product_id"].tolist(), ids.loc[test, "label"].to_numpy(), "label",
-        ks=ks, unique_products=built.metadata.kind == "image",
-    )
-    if built.metadata.factory.replace(",", "").lower() != "flat":
-        exact = SimilarityIndex.build(vectors, ids, kind=built.metadata.kind, factory="Flat", use_gpu=False)
-        metrics["recall@10_vs_exact"] = retrieval.recall_at_k_vs_exact(built, exact, vectors[test], k=10)
-    latency = retrieval.query_latency(built, vectors[test][:200], k=max(ks))
-    metrics.update({f"latency_{key}": float(value) for key, value in latency.items()})
-    return {key.replace("@", "_at_"): float(value) for key, value in metrics.items()}
-
-
-def _neighbour_figure(built: SimilarityIndex, vectors: np.ndarray, ids: pd.DataFrame, clean_dir: Path, out: Path) -> Path | None:
-    """Thumbnails of a few test listings and their nearest neighbours: how search looks to a user."""
-    images = pd.read_parquet(clean_dir / "images.parquet", columns=["image_id", "product_id", "path"])
-    first_photo = images.drop_duplicates("product_id").set_index("product_id")["path"]
-    classes = read_json(clean_dir / "labels.json")["classes"]
-    test_rows = [i for i in np.flatnonzero((ids["split"] == "test").to_numpy()) if ids.at[i, "product_id"] in first_photo.index][:6]
-    if not test_rows:
-        return None
-    hits = built.search(vectors[test_rows], k=5, exclude_product_ids=[ids.at[i, "product_id"] for i in test_rows])
-    rows = []
-    for row, row_hits in zip(test_rows, hits):
-        query = (clean_dir / first_photo[ids.at[row, "product_id"]], classes[int(ids.at[row, "label"])])
-        found = [
-            (clean_dir / first_photo[h.product_id], f"{h.score:.2f}") for h in row_hits if h.product_id in first_photo.index
-        ]
-        rows.append((query, found))
-    return save_neighbour_grid(rows, out, title=f"{built.metadata.kind} index: test queries and nearest listings")
 
 
 @task(name="build-index")
@@ -96,8 +57,8 @@ def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any])
         stored.vectors, stored.ids, IndexSettings.from_params(settings["index"]), kind=kind, model_name=name, model_version=version
     )
     built.save(index_dir)
-    metrics = _retrieval_metrics(built, stored.vectors, stored.ids, settings)
-    figure = _neighbour_figure(built, stored.vectors, stored.ids, clean_dir, path_of(settings, "evaluate.plots_dir") / f"{kind}_neighbours.png")
+    metrics = index_quality_metrics(built, stored.vectors, stored.ids, settings["index"]["eval_k"])
+    figure = neighbour_figure(built, stored.vectors, stored.ids, clean_dir, path_of(settings, "evaluate.plots_dir") / f"{kind}_neighbours.png")
 
     tracking.setup(settings)
     with mlflow.start_run(run_name=f"{kind}-index") as run:
@@ -106,8 +67,9 @@ def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any])
         mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(index_dir), artifact_path="index")
         if figure is not None:
-            mlflow.log_artifact(str(figure), artifact_path="plots")
-    MlflowClient().set_model_version_tag(name, version, "index_run_id", run.info.run_id)
+            tracking.log_figure_file(figure, "plots")
+    # the registry says which index belongs to which version (the service checks it)
+    registry.tag_version(name, version, {"index_run_id": run.info.run_id})
     return {"model": name, "version": version, "size": built.size, "factory": built.metadata.factory, **metrics}
 
 

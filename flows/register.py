@@ -10,62 +10,20 @@ test split (new data or a new split seed) is first re-scored on this one.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 
 from flows import tracking
 from flows.common import base_parser, load_params, path_of, run_cli
-from flows.evaluate import MODEL_RUN_KEY, SPLIT_HASH_KEY, score_model
 from pipeline_steps import registry
 from pipeline_steps.config import existing_dir, require_choice
-from pipeline_steps.errors import PipelineError
+from pipeline_steps.evaluation import CATEGORY_MODEL_KEY, CLASSIFIER_KINDS, PRICE_CATEGORY_KIND, SKLEARN_KINDS
 from pipeline_steps.io_utils import read_json, write_json
-from pipeline_steps.mlflow_models import find_model_dir, log_model_dir
+from pipeline_steps.mlflow_models import log_model_dir
+from pipeline_steps.promotion import PromotionPolicy, checked_split_hash
 
-MODELS = ("text-baseline", "pixel-baseline", "price", "image", "text", "multimodal")
-
-
-def checked_split_hash(kind: str, model_dir: Path, trained_in: str | None, metrics_file: Path, metrics: dict[str, Any]) -> str:
-    """The test-split hash of `metrics_file`, once it is clear those numbers score this very model.
-
-    evaluate writes the training run of the model it scored and a hash of the rows it scored;
-    a model retrained since (another run id) would otherwise be registered with its
-    predecessor's numbers.
-    """
-    scored_run, split = metrics.get(MODEL_RUN_KEY), metrics.get(SPLIT_HASH_KEY)
-    again = f"run `python -m flows.evaluate --model {kind}` (or `dvc repro evaluate`) first"
-    if not scored_run or not split:
-        raise PipelineError(f"{metrics_file} does not say which model and test rows it scored (an older evaluate wrote it): {again}")
-    if scored_run != trained_in:
-        raise PipelineError(
-            f"{metrics_file} scores the {kind} model of run {scored_run}, but {model_dir} was trained in run {trained_in}: {again}"
-        )
-    return str(split)
-
-
-def rescore_champion(kind: str, name: str, split: str, clean_dir: Path, alias: str) -> str | None:
-    """Score the champion on this test split when it was scored on another one (new data, new split).
-
-    Without this a new export or split seed could never unseat the champion: the versions would
-    be "not comparable" forever and the index and service would keep the old model. Returns a
-    line for the log, or None when the champion already has numbers for this split.
-    """
-    found = registry.alias_split(name, alias)
-    if found is None or found[1] == split:
-        return None
-    version, old_split = found
-    with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
-        model_dir = find_model_dir(registry.download_champion(name, alias, tmp))
-        model_classes = read_json(model_dir / "config.json").get("classes")
-        if model_classes is not None and list(model_classes) != list(read_json(clean_dir / "labels.json")["classes"]):
-            return f"{alias} v{version} predicts another class list than {clean_dir / 'labels.json'}: not re-scored"
-        scored = score_model(kind, model_dir, clean_dir)
-    numbers = {key: value for key, value in scored.metrics.items() if isinstance(value, (int, float))}
-    registry.record_rescore(name, version, numbers, registry.split_hash(scored.ids))
-    return f"{alias} v{version} had been scored on another test split ({(old_split or 'unknown')[:12]}…): re-scored on this one"
+MODELS = (*SKLEARN_KINDS, *CLASSIFIER_KINDS)
 
 
 @task(name="register-model-version")
@@ -81,16 +39,20 @@ def register_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     split = checked_split_hash(kind, model_dir, run_id, metrics_file, scored)
     # The headline numbers become version tags; the per-class report stays in the run.
     metrics = {key: value for key, value in scored.items() if isinstance(value, (int, float))}
+    # the price model's numbers also name the classifier whose category it was scored with
+    context = {CATEGORY_MODEL_KEY: scored[CATEGORY_MODEL_KEY]} if scored.get(CATEGORY_MODEL_KEY) else {}
     name = registry.model_name(registry_params["model_prefix"], kind)
-    promotion = registry.promotion_settings(registry_params, kind)
+    policy = PromotionPolicy.from_params(registry_params, kind)
     tracking.setup(settings)  # before any registry lookup: else MLflow's default store (./mlflow.db) answers
     existing = registry.version_of_run(name, run_id) if run_id else None
+    registered = {"name": name, "split": split, **context}
     if existing is not None:
         # registering the same trained model twice would only add a duplicate version
         print(f"{name}: the model of run {run_id} already is version {existing.version}")
-        if (existing.tags or {}).get(registry.SPLIT_HASH_TAG) != split:  # evaluated again on new data
-            registry.record_rescore(name, existing.version, metrics, split)
-        return {"name": name, "version": str(existing.version), "split": split}
+        tags = existing.tags or {}
+        if tags.get(registry.SPLIT_HASH_TAG) != split or any(tags.get(k) != v for k, v in context.items()):
+            registry.record_rescore(name, existing.version, metrics, split, tags=context)  # evaluated again
+        return {**registered, "version": str(existing.version)}
     with tracking.reopen_run(settings, model_dir) as run:
         info = log_model_dir(kind, model_dir, name="model")
         version = registry.register_model_version(
@@ -99,11 +61,11 @@ def register_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
             run.info.run_id,
             metrics,
             description=f"{kind} model trained in run {run.info.run_id}",
-            promotion_metric=promotion["metric"],
+            promotion_metric=policy.metric,
             test_split_hash=split,
-            tags={"model_kind": kind},
+            tags={"model_kind": kind, **context},
         )
-    return {"name": name, "version": str(version.version), "split": split}
+    return {**registered, "version": str(version.version)}
 
 
 @task(name="promote-model-version", retries=2, retry_delay_seconds=5)
@@ -111,11 +73,16 @@ def promote_task(kind: str, registered: dict[str, Any], settings: dict[str, Any]
     """Retried: a locked SQLite store or a slow download is transient, and every step here is idempotent."""
     name, version = registered["name"], registered["version"]
     tracking.setup(settings)
-    promotion = registry.promotion_settings(settings["registry"], kind)
-    note = rescore_champion(kind, name, registered["split"], existing_dir(settings, "data.clean_dir"), promotion["champion_alias"])
+    policy = PromotionPolicy.from_params(settings["registry"], kind)
+    # a champion scored on other rows (or, for price, with another category classifier) is scored again first
+    note = registry.rescore_champion(
+        kind, name, registered["split"], existing_dir(settings, "data.clean_dir"), policy.champion_alias,
+        category_model_dir=path_of(settings, "train.models_dir") / PRICE_CATEGORY_KIND if kind == "price" else None,
+        category_model_run=registered.get(CATEGORY_MODEL_KEY),
+    )
     if note:
         print(f"{name}: {note}")
-    decision = registry.promote(name, version, **promotion)
+    decision = registry.promote(name, version, **policy.as_kwargs())
     print(f"{name} v{version}: {'champion' if decision.promoted else decision.alias} — {decision.reason}")
     return decision.to_dict()
 

@@ -3,7 +3,16 @@
 Every classifier (TF-IDF baseline, pixel baseline, image/text/multimodal networks)
 is scored by `classification_metrics` and the price estimator by
 `regression_metrics`, so the metric names are identical across MLflow runs and
-`dvc metrics diff` lines them up without any per-model glue.
+`dvc metrics diff` lines them up without any per-model glue. `score_model` scores one
+trained model directory on a split of the clean layer: the evaluate stage calls it, and
+the register stage calls it again to re-score a champion on new rows.
+
+The price estimator is scored the way it is served (`score_price`): the service asks it
+for a price with the category its text classifier predicts (service/engine.py:
+`predict_batch`), so the headline `median_abs_error` uses that predicted category and the
+listing's own town/county; the number with the true category stays as
+`median_abs_error_true_category`, and `median_abs_error_no_location` is what a request
+without a location gets.
 
 Plots are drawn on a bare `matplotlib.figure.Figure` (the Agg renderer, no pyplot):
 no global backend is switched, nothing needs a display, and concurrent flows in
@@ -18,7 +27,7 @@ import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -26,12 +35,20 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, r2_score
 
-from pipeline_steps.io_utils import atomic_path, write_csv, write_json
+from pipeline_steps.errors import PipelineError
+from pipeline_steps.io_utils import atomic_path, read_json, write_csv, write_json
+from pipeline_steps.promotion import CATEGORY_MODEL_KEY, MODEL_RUN_KEY, SPLIT_HASH_KEY, split_hash  # noqa: F401  (what evaluate writes)
 
 HISTORY_COLUMNS: tuple[str, ...] = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
 """Per-epoch columns every model's history uses (`reports/plots/<model>_history.csv`)."""
 
 _PROBA_EPS = 1e-15
+
+CLASSIFIER_KINDS: tuple[str, ...] = ("image", "text", "multimodal")
+SKLEARN_KINDS: tuple[str, ...] = ("text-baseline", "pixel-baseline", "price")
+PRICE_CATEGORY_KIND = "text"
+"""The classifier served beside the price estimator: a `/predict` with text gets its price from the
+category the text classifier predicts (service/engine.py), so the price model is scored with it."""
 
 
 # --------------------------------------------------------------------------- metrics
@@ -227,11 +244,6 @@ def write_plot_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns:
     return write_csv(frame, path)
 
 
-def write_plot_json(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write a list of records as a JSON array, the other format `dvc plots` reads."""
-    return write_json(path, _json_safe([dict(row) for row in rows]))
-
-
 def write_history_csv(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Per-epoch curves with the standard columns first (`reports/plots/<model>_history.csv`)."""
     rows = [{"epoch": row.get("epoch", i + 1), **row} for i, row in enumerate(history)]
@@ -378,3 +390,143 @@ def save_per_class_bar(metrics: Mapping[str, Any], path: str | Path, metric: str
     ax.set_title(title or f"Per-class {metric}")
     ax.grid(axis="x", alpha=0.3)
     return _save_figure(figure, path)
+
+
+# --------------------------------------------------------------------------- scoring a trained model directory
+
+
+class Scored(NamedTuple):
+    """What scoring one model on a split gives: its metrics and what the figures and the registry need."""
+
+    metrics: dict[str, Any]
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    classes: list[str]
+    ids: list[str]  # product_id of each scored row (one per photo for the image models)
+
+
+def score_model(
+    kind: str, model_dir: str | Path, clean_dir: str | Path, category_model_dir: str | Path | None = None, split: str = "test"
+) -> Scored:
+    """Score one trained model directory on a split of the clean layer, the same way for every kind.
+
+    Args:
+        kind: image | text | multimodal (networks), text-baseline | pixel-baseline (scikit-learn)
+            or price.
+        model_dir: the model directory (train.models_dir/<kind>, or a champion downloaded from the
+            registry for a re-score).
+        clean_dir: the clean layer whose `split` rows are scored.
+        category_model_dir: for `price` only: the classifier served beside the price estimator
+            (PRICE_CATEGORY_KIND); the price is scored with the category it predicts, as served.
+        split: the split to score (the test split for every number that is registered).
+
+    Returns:
+        Scored: metrics (classification_metrics / score_price, plus `unit` for classifiers),
+        y_true and y_pred for the confusion matrix (label codes; prices for the estimator), the
+        class names and the product_id of each scored row (the registry hashes them).
+    """
+    model_dir, clean_dir = Path(model_dir), Path(clean_dir)
+    if kind in CLASSIFIER_KINDS:
+        from pipeline_steps import inference  # torch: only for the networks
+
+        classifier = inference.load_classifier(model_dir)
+        prediction = inference.predict_split(classifier, clean_dir, split)
+        metrics = classification_metrics(prediction.labels, prediction.proba, classifier.classes)
+        metrics["unit"] = "image" if kind == "image" else "product"
+        ids = prediction.ids["product_id"].astype(str).tolist()
+        return Scored(metrics, prediction.labels, prediction.proba.argmax(axis=1), list(classifier.classes), ids)
+    if kind not in SKLEARN_KINDS:
+        raise PipelineError(f"unknown model kind {kind!r}; accepted: {', '.join(CLASSIFIER_KINDS + SKLEARN_KINDS)}")
+    classes = list(read_json(clean_dir / "labels.json")["classes"])
+    if kind == "price":
+        if category_model_dir is None:
+            raise PipelineError(
+                "the price model is scored with the category its served classifier predicts: "
+                f"pass category_model_dir (the {PRICE_CATEGORY_KIND} classifier's model directory)"
+            )
+        return score_price(model_dir, clean_dir, category_model_dir, split)._replace(classes=classes)
+    from pipeline_steps.baselines import evaluate_baseline  # it imports this module
+
+    result = evaluate_baseline(model_dir, clean_dir, split)
+    metrics = result["metrics"]
+    metrics["unit"] = "image" if kind == "pixel-baseline" else "product"
+    return Scored(metrics, np.asarray(result["y_true"]), np.asarray(result["y_pred"]), classes, result["ids"])
+
+
+def predict_categories(category_model_dir: str | Path, texts: Sequence[str]) -> list[str]:
+    """The category a classifier predicts for each listing text, as the service asks it (text only, no photo).
+
+    Args:
+        category_model_dir: a text (or multimodal) network's model directory, or a scikit-learn
+            text baseline's (config.json `kind: text_baseline`).
+        texts: the listing texts (name + ". " + description, the clean layer's `text`).
+
+    Returns:
+        One class name per text (the argmax of the classifier's probabilities).
+    """
+    category_model_dir = Path(category_model_dir)
+    if not texts:
+        return []
+    kind = read_json(category_model_dir / "config.json").get("kind")
+    if kind == "text_baseline":
+        from pipeline_steps.baselines import load_sklearn_model
+
+        model = load_sklearn_model(category_model_dir)
+        proba = model.predict_proba(list(texts))
+    else:
+        from pipeline_steps import inference
+
+        model = inference.load_classifier(category_model_dir)
+        proba = model.predict_proba([None] * len(texts), list(texts))
+    classes = [str(c) for c in model.classes]
+    return [classes[int(i)] for i in np.asarray(proba).argmax(axis=1)]
+
+
+def score_price(model_dir: str | Path, clean_dir: str | Path, category_model_dir: str | Path, split: str = "test") -> Scored:
+    """Score the price estimator as it is served: category predicted by its served classifier, location as given.
+
+    The service's `/predict` asks the price model with the category the classifier predicted
+    for the request (service/engine.py: `predict_batch`), not the seller's own category, so a
+    miss-classified listing gets the price of another category. Scoring with the true category
+    would promote a median error users never see.
+
+    Args:
+        model_dir: the price estimator's model directory.
+        clean_dir: the clean layer (rows with a usable, non-outlier price are scored).
+        category_model_dir: the classifier served beside it (see PRICE_CATEGORY_KIND).
+        split: the split to score.
+
+    Returns:
+        Scored with regression_metrics of the served prediction (`median_abs_error`, `r2_log`, ...)
+        plus `median_abs_error_true_category`, `r2_log_true_category`, `mae_true_category` (the
+        seller's category: the number before this change), `median_abs_error_no_location` (served
+        category, no town/county: a request without a location) and `category_accuracy` (how
+        often the served category is the true one on these rows).
+    """
+    from pipeline_steps.baselines import evaluate_baseline, load_clean_products, load_sklearn_model
+
+    true_category = evaluate_baseline(model_dir, clean_dir, split)  # the rows scored + the seller's category
+    ids = [str(i) for i in true_category["ids"]]
+    truth = np.asarray(true_category["y_true"], dtype=float)
+    products = load_clean_products(clean_dir, split)
+    rows = products.assign(product_id=products["product_id"].astype(str)).drop_duplicates("product_id")
+    rows = rows.set_index("product_id").loc[ids].reset_index()
+    served_category = predict_categories(category_model_dir, rows["text"].tolist())
+    estimator = load_sklearn_model(model_dir)
+    served = rows[["text", "town", "county"]].assign(category=served_category)
+    predicted = np.asarray(estimator.predict_price(served), dtype=float)
+    no_location = np.asarray(estimator.predict_price(served.assign(town="", county="")), dtype=float)
+
+    metrics = regression_metrics(truth, predicted, estimator.median_price)
+    old = true_category["metrics"]
+    metrics.update(
+        {
+            "median_abs_error_true_category": float(old["median_abs_error"]),
+            "mae_true_category": float(old["mae"]),
+            "r2_log_true_category": float(old["r2_log"]),
+            "median_abs_error_no_location": float(np.median(np.abs(truth - no_location))),
+            "category_accuracy": float(np.mean(np.asarray(served_category) == rows["category"].to_numpy())),
+            "category_model": str(read_json(Path(category_model_dir) / "config.json").get("kind")),
+        }
+    )
+    return Scored(metrics, truth, predicted, [], ids)

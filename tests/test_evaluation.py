@@ -22,7 +22,6 @@ from pipeline_steps.evaluation import (
     write_history_csv,
     write_metrics_json,
     write_plot_csv,
-    write_plot_json,
     write_predictions_csv,
 )
 
@@ -165,9 +164,6 @@ def test_history_and_plot_files(tmp_path: Path) -> None:
 
     sparse = write_plot_csv(tmp_path / "sparse.csv", [{"epoch": 1, "train_loss": 1.0}], HISTORY_COLUMNS)
     assert list(pd.read_csv(sparse).columns) == list(HISTORY_COLUMNS)
-
-    json_path = write_plot_json(tmp_path / "plots" / "text_history.json", history)
-    assert json.loads(json_path.read_text())[1]["val_accuracy"] == 0.4
 
     preds = write_predictions_csv(tmp_path / "preds.csv", Y_TRUE, PROBA.argmax(axis=1), CLASSES4)
     confusion = pd.read_csv(preds)

@@ -25,7 +25,7 @@ from flows.package import package_flow
 from flows.pipeline import pipeline_flow
 from flows.register import register_flow
 from flows.train import train_flow
-from pipeline_steps import registry
+from pipeline_steps import registry, tracking
 from pipeline_steps.errors import PipelineError
 from pipeline_steps.index import SimilarityIndex
 from pipeline_steps.packaging import read_bundle_info
@@ -84,6 +84,19 @@ def test_models_beat_chance_on_the_sample(pipeline_run: tuple[Path, list[str]]) 
     assert price["n"] > 0 and price["median_abs_error"] > 0
 
 
+def test_price_is_scored_and_registered_as_served(pipeline_run: tuple[Path, list[str]]) -> None:
+    """The price model's headline error uses the category the served text classifier predicts."""
+    work, _ = pipeline_run
+    price = json.loads((work / "metrics" / "price.json").read_text())
+    text_run = (work / "artifacts" / "models" / "text" / "run_id.txt").read_text().strip()
+    assert price["category_model_run_id"] == text_run and price["category_model"] == "text"
+    assert price["median_abs_error_true_category"] > 0 and 0.0 <= price["category_accuracy"] <= 1.0
+    champion = MlflowClient().get_model_version_by_alias(NAMES["price"], "champion")
+    assert champion.tags["category_model_run_id"] == text_run
+    assert float(champion.tags["metric.median_abs_error"]) == pytest.approx(price["median_abs_error"])
+    assert float(champion.tags["metric.median_abs_error_true_category"]) == pytest.approx(price["median_abs_error_true_category"])
+
+
 def test_champion_loads_back_and_predicts(pipeline_run: tuple[Path, list[str]]) -> None:
     model = mlflow.pyfunc.load_model(f"models:/{NAMES['text']}@champion")
     answer = model.predict(pd.DataFrame({"text": ["Samsung Galaxy phone, unlocked, 128GB"], "image": [None]}))
@@ -135,7 +148,7 @@ def test_register_uses_the_configured_store_when_no_uri_is_exported(
     registered = register_flow(overrides=overrides, model="text-baseline")["text-baseline"]["version"]
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     # configure_tracking remembers which URI it set itself; keep that memory to this test
-    monkeypatch.setattr(registry, "_SET_BY_US", {})
+    monkeypatch.setattr(tracking, "_SET_BY_US", {})
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(None)
     try:

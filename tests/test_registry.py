@@ -1,4 +1,4 @@
-"""pipeline_steps.registry against a real MLflow store (SQLite + local artifacts in tmp_path).
+"""pipeline_steps.registry (and tracking, lineage, promotion) against a real MLflow store (SQLite + local artifacts in tmp_path).
 
 One small scikit-learn model is logged once per module (logging is the slow part) and
 registered many times under different names, each version with its own test metrics.
@@ -23,25 +23,20 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline_steps import registry
+from pipeline_steps import promotion, registry, tracking
 from pipeline_steps.errors import ConfigError
+from pipeline_steps.lineage import run_tags
+from pipeline_steps.promotion import PromotionDecision, PromotionPolicy, Standing, decide, promotion_settings, split_hash
 from pipeline_steps.registry import (
-    PromotionDecision,
     RegistryError,
+    champion_uri,
     champion_version,
-    configure_tracking,
     download_champion,
-    flatten_params,
-    load_champion,
-    log_figure_file,
-    log_params_section,
     model_name,
     promote,
-    promotion_settings,
     register_model_version,
-    run_tags,
-    split_hash,
 )
+from pipeline_steps.tracking import configure_tracking, flatten_params, log_figure_file, log_params_section
 
 pytestmark = pytest.mark.filterwarnings("ignore:Hint. Inferred schema contains integer:UserWarning")
 
@@ -94,7 +89,7 @@ def store(tmp_path_factory):
     mlflow.set_tracking_uri(previous_tracking)
     mlflow.set_registry_uri(previous_registry)
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        registry._SET_BY_US[key] = None
+        tracking._SET_BY_US[key] = None
         os.environ.pop(key, None)
 
 
@@ -175,7 +170,7 @@ def test_configure_tracking_from_several_processes(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, yaml
-        from pipeline_steps.registry import configure_tracking
+        from pipeline_steps.tracking import configure_tracking
         params = yaml.safe_load({yaml.safe_dump(REGISTRY_PARAMS)!r})
         print(configure_tracking(params, {str(root)!r}))
         """
@@ -194,9 +189,9 @@ def test_configure_tracking_from_several_processes(tmp_path):
 
 def test_resolve_tracking_uri():
     root = Path("/srv/project")
-    assert registry.resolve_tracking_uri("sqlite:///mlruns/mlflow.db", root) == "sqlite:////srv/project/mlruns/mlflow.db"
-    assert registry.resolve_tracking_uri("sqlite:////abs/db.sqlite", root) == "sqlite:////abs/db.sqlite"
-    assert registry.resolve_tracking_uri("http://127.0.0.1:5000", root) == "http://127.0.0.1:5000"
+    assert tracking.resolve_tracking_uri("sqlite:///mlruns/mlflow.db", root) == "sqlite:////srv/project/mlruns/mlflow.db"
+    assert tracking.resolve_tracking_uri("sqlite:////abs/db.sqlite", root) == "sqlite:////abs/db.sqlite"
+    assert tracking.resolve_tracking_uri("http://127.0.0.1:5000", root) == "http://127.0.0.1:5000"
 
 
 # --- names, tags, params ---------------------------------------------------------------
@@ -337,7 +332,7 @@ def test_first_version_becomes_champion_and_loads(store, tmp_path, caplog):
     assert champion_version(name, "nobody") is None
     assert champion_version("no-such-model", "champion") is None
 
-    model = load_champion(name)
+    model = mlflow.pyfunc.load_model(champion_uri(name))
     predictions = model.predict(store["features"])
     assert list(predictions) == list(store["labels"])
 
@@ -417,3 +412,81 @@ def test_champion_value_falls_back_to_run_metrics(store):
     decision = promote(name, newer.version, "accuracy")
     assert decision.champion_value == pytest.approx(0.5)  # the run's test_accuracy
     assert decision.promoted
+
+
+# --- the promotion policy: direction from the metric, decide() without a store ------------------
+
+
+def test_classifier_log_loss_is_lower_is_better():
+    """`classifier_metric: log_loss` must promote the LOWER log-loss (before: every classifier metric went up)."""
+    params = {**REGISTRY_PARAMS, "promotion": {"classifier_metric": "log_loss", "price_metric": "median_abs_error"}}
+    settings = promotion_settings(params, "text")
+    assert settings["metric"] == "log_loss" and settings["higher_is_better"] is False
+    # and a price model judged by a score goes up
+    score = {**REGISTRY_PARAMS, "promotion": {"price_metric": "r2_log"}}
+    assert promotion_settings(score, "price")["higher_is_better"] is True
+
+
+def test_log_loss_promotion_keeps_the_better_champion(store):
+    name = "log-loss-judged-classifier"
+    settings = promotion_settings({**REGISTRY_PARAMS, "promotion": {"classifier_metric": "log_loss"}}, "text")
+    first = _register(store, name, 0.50, metric="log_loss")
+    assert promote(name, first.version, **settings).promoted
+    worse = _register(store, name, 0.90, metric="log_loss")
+    decision = promote(name, worse.version, **settings)
+    assert not decision.promoted and "lower is better" in decision.reason
+    assert _alias_version(name, "champion") == str(first.version)
+    better = _register(store, name, 0.30, metric="log_loss")
+    assert promote(name, better.version, **settings).promoted
+    # without an explicit direction, promote() takes it from the metric too
+    best = _register(store, name, 0.20, metric="log_loss")
+    assert promote(name, best.version, "log_loss").promoted
+    assert _alias_version(name, "champion") == str(best.version)
+
+
+def test_metric_directions():
+    assert promotion.higher_is_better("accuracy") and promotion.higher_is_better("macro_f1")
+    assert promotion.higher_is_better("top3_accuracy") and promotion.higher_is_better("r2_log")
+    assert not promotion.higher_is_better("log_loss") and not promotion.higher_is_better("median_abs_error")
+    assert not promotion.higher_is_better("median_abs_error_true_category")
+    assert not promotion.higher_is_better("baseline_median_abs_error")
+    with pytest.raises(ConfigError, match="accepted"):
+        promotion.higher_is_better("vibes")
+    with pytest.raises(ConfigError, match="vibes"):
+        promotion_settings({**REGISTRY_PARAMS, "promotion": {"classifier_metric": "vibes"}}, "image")
+
+
+def test_decide_is_pure_and_explains_itself():
+    loss = PromotionPolicy("log_loss", higher_is_better=False, min_improvement=0.05)
+    assert decide(Standing("1", 0.7, "s"), None, loss).promoted
+    lower = decide(Standing("2", 0.6, "s"), Standing("1", 0.7, "s"), loss)
+    assert lower.promoted and lower.champion_version == "1" and lower.champion_value == 0.7
+    small = decide(Standing("2", 0.68, "s"), Standing("1", 0.7, "s"), loss)
+    assert not small.promoted and "min_improvement=0.05" in small.reason
+    other_rows = decide(Standing("2", 0.1, "s2"), Standing("1", 0.7, "s"), loss)
+    assert not other_rows.promoted and "not comparable" in other_rows.reason
+    no_value = decide(Standing("2", 0.1, "s"), Standing("1", None, "s"), loss)
+    assert not no_value.promoted and "not comparable" in no_value.reason
+    assert not decide(Standing("1", 0.7, "s"), Standing("1", 0.7, "s"), loss).promoted
+    accuracy = PromotionPolicy.from_params(REGISTRY_PARAMS, "image")
+    assert decide(Standing("2", 0.8, "s"), Standing("1", 0.7, "s"), accuracy).promoted
+    assert not decide(Standing("2", 0.6, "s"), Standing("1", 0.7, "s"), accuracy).promoted
+
+
+def test_importing_the_registry_modules_changes_no_environment_variable():
+    """Importing must not set MLFLOW_DISABLE_TELEMETRY or anything else (it did: os.environ at import)."""
+    script = textwrap.dedent(
+        """
+        import json, os, sys
+        before = dict(os.environ)
+        import pipeline_steps.registry, pipeline_steps.tracking, pipeline_steps.lineage, pipeline_steps.promotion
+        after = dict(os.environ)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        print(json.dumps(changed))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
