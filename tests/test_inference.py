@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipeline_steps import datasets as ds
 from pipeline_steps import inference, models, training
+from tests.support.synthetic import write_synthetic_clean
 
 
 def tiny_params(root: Path) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def one_thread() -> Any:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("inference")
-    clean_dir = ds.write_synthetic_clean(root / "clean")
+    clean_dir = write_synthetic_clean(root / "clean")
     params = tiny_params(root)
     image = training.train_image_classifier(clean_dir, params, root / "models" / "image", progress=False)
     text = training.train_text_classifier(clean_dir, params, root / "models" / "text", progress=False)

@@ -19,6 +19,7 @@ import torch
 from pipeline_steps import datasets as ds
 from pipeline_steps import training
 from pipeline_steps.errors import ConfigError, DataValidationError, PipelineError
+from tests.support.synthetic import write_synthetic_clean
 
 
 def tiny_params(root: Path) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def one_thread() -> Any:
 
 @pytest.fixture(scope="module")
 def clean_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ds.write_synthetic_clean(tmp_path_factory.mktemp("clean"))
+    return write_synthetic_clean(tmp_path_factory.mktemp("clean"))
 
 
 @pytest.fixture(scope="module")
