@@ -5,7 +5,10 @@ stage's metrics/<model>.json, which must name the run that trained the model in
 models/<kind>), and the `champion` alias moves to it only when it beats the
 current champion on the configured metric on the same test split; otherwise it
 becomes `challenger` and the reason is printed. A champion scored on another
-test split (new data or a new split seed) is first re-scored on this one.
+test split (new data or a new split seed) is first re-scored on this one; so is a
+price champion scored with another category classifier than the new version
+(the price model is scored with the category the served text classifier predicts).
+The work is in pipeline_steps/registry.py and promotion.py; this module wires it.
 """
 
 from __future__ import annotations
@@ -49,9 +52,7 @@ def register_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     if existing is not None:
         # registering the same trained model twice would only add a duplicate version
         print(f"{name}: the model of run {run_id} already is version {existing.version}")
-        tags = existing.tags or {}
-        if tags.get(registry.SPLIT_HASH_TAG) != split or any(tags.get(k) != v for k, v in context.items()):
-            registry.record_rescore(name, existing.version, metrics, split, tags=context)  # evaluated again
+        registry.refresh_scores(name, existing, metrics, split, context)  # evaluated again: tags follow
         return {**registered, "version": str(existing.version)}
     with tracking.reopen_run(settings, model_dir) as run:
         info = log_model_dir(kind, model_dir, name="model")

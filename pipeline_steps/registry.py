@@ -404,6 +404,37 @@ def record_rescore(
         return client.get_model_version(name, version)
 
 
+def refresh_scores(
+    name: str,
+    existing: ModelVersion,
+    metrics: Mapping[str, Any],
+    test_split_hash: str,
+    context: Mapping[str, Any] | None = None,
+    client: MlflowClient | None = None,
+) -> bool:
+    """Re-tag an already registered version when it was evaluated again on other rows (or, for
+    the price model, with another category classifier); the same trained model is never
+    registered twice.
+
+    Args:
+        name: the registered model name.
+        existing: the version registered from this model's training run.
+        metrics: the new evaluation's numbers.
+        test_split_hash: the rows they were computed on.
+        context: what else the numbers depend on (`category_model_run_id` for the price model).
+        client: the registry client.
+
+    Returns:
+        True when the tags were rewritten, False when they already describe this evaluation.
+    """
+    tags = existing.tags or {}
+    context = dict(context or {})
+    if tags.get(SPLIT_HASH_TAG) == test_split_hash and all(tags.get(k) == str(v) for k, v in context.items()):
+        return False
+    record_rescore(name, existing.version, metrics, test_split_hash, tags=context, client=client)
+    return True
+
+
 def champion_uri(name: str, alias: str = "champion") -> str:
     """`models:/<name>@<alias>`: what `mlflow.pyfunc.load_model` takes to load the champion."""
     return f"models:/{name}@{alias}"
