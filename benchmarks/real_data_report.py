@@ -119,7 +119,7 @@ def per_product(prediction: inference.SplitPrediction, classes: list[str], pooli
 def train_all(clean: Path, settings: dict[str, Any], reuse: bool, skip: set[str]) -> dict[str, Any]:
     models_dir = Path(settings["train"]["models_dir"])
     timings: dict[str, Any] = {}
-    section = settings["train"]["baselines"]
+    section = settings  # baseline_params reads train.baselines and train.seed, as the train_sklearn stage does
     jobs = {
         "text-baseline": lambda out: baselines.train_text_baseline(clean, section, out),
         "pixel-baseline": lambda out: baselines.train_pixel_baseline(clean, section, out),

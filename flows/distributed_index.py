@@ -38,15 +38,15 @@ def task_runner(settings: dict[str, Any]) -> Any:
     from prefect_dask import DaskTaskRunner
 
     dist = settings["distributed"]
-    if dist.get("dask_address"):
+    if dist["dask_address"]:
         return DaskTaskRunner(address=str(dist["dask_address"]))
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
-            "n_workers": int(dist.get("n_workers", 2)),
-            "threads_per_worker": int(dist.get("threads_per_worker", 1)),
+            "n_workers": int(dist["n_workers"]),
+            "threads_per_worker": int(dist["threads_per_worker"]),
             "processes": True,
-            "dashboard_address": dist.get("dashboard_address"),
+            "dashboard_address": dist["dashboard_address"],
         },
     )
 

@@ -60,49 +60,33 @@ PRODUCT_COLUMNS: tuple[str, ...] = ("product_id", "text", "category", "label", "
                                     "price_is_outlier", "town", "county", "split")
 IMAGE_COLUMNS: tuple[str, ...] = ("image_id", "product_id", "path", "split", "label")
 
-BASELINE_DEFAULTS: dict[str, Any] = {
-    "tfidf_max_features": 50000,
-    "logreg_c": 10.0,
-    "pixel_size": 16,
-    "price_alpha": 1.0,
-    # Optional knobs (params.yaml may set them; these defaults apply when it does not).
-    "char_ngrams": True,
-    "char_ngram_range": [2, 5],
-    "title_ngrams": True,
-    "sublinear_tf": True,
-    "max_iter": 2000,
-    "pixel_logreg_c": 0.01,
-}
-"""Defaults for optional keys only; the four documented keys must be in params.yaml."""
-
-_REQUIRED_KEYS = ("tfidf_max_features", "logreg_c", "pixel_size", "price_alpha")
-
-
 # --------------------------------------------------------------------------- params and data
 
 
 def baseline_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Return `train.baselines` (plus `train.seed` as `seed`), filled with optional defaults.
+    """`train.baselines` plus `train.seed` as `seed`, checked against params.yaml's schema.
 
-    Accepts the whole params.yaml dict (what flows pass) or just the `train.baselines`
-    mapping (handy in tests); a missing required key raises a ConfigError naming it.
+    Args:
+        params: the whole params.yaml dict (what flows pass), or the `train.baselines`
+            mapping with a `seed` key (handy in tests).
+
+    Returns:
+        The section as a plain dict with `seed`; every key is required (no defaults here).
+
+    Raises:
+        ConfigError: naming each missing, unknown or out-of-range key.
     """
+    from pipeline_steps import settings
+
     if "train" in params:
-        section = dict(get(params, "train.baselines"))
-        seed = params["train"].get("seed", 0) if isinstance(params["train"], Mapping) else 0
+        section, seed = dict(get(params, "train.baselines")), get(params, "train.seed")
     else:
         section = dict(params)
-        seed = section.get("seed", 0)
-    missing = [key for key in _REQUIRED_KEYS if key not in section]
-    if missing:
-        raise ConfigError(f"params.yaml key 'train.baselines' lacks {', '.join(missing)}")
-    merged = {**BASELINE_DEFAULTS, **section, "seed": int(seed)}
-    if int(merged["pixel_size"]) < 1 or int(merged["tfidf_max_features"]) < 1:
-        raise ConfigError("params.yaml keys 'train.baselines.pixel_size' and 'tfidf_max_features' must be >= 1")
-    if float(merged["logreg_c"]) <= 0 or float(merged["pixel_logreg_c"]) <= 0 or float(merged["price_alpha"]) < 0:
-        raise ConfigError("params.yaml keys 'train.baselines.logreg_c'/'pixel_logreg_c' must be > 0 "
-                          "and 'price_alpha' >= 0")
-    return merged
+        seed = section.pop("seed", None)
+    checked = settings.section(settings.BaselineSettings, section, "train.baselines")
+    if seed is None:
+        raise ConfigError("params.yaml key 'train.seed' is missing (pass 'seed' with a bare train.baselines section)")
+    return {**checked.model_dump(), "seed": int(seed)}
 
 
 def load_classes(clean_dir: str | Path) -> list[str]:

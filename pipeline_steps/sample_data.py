@@ -359,15 +359,18 @@ def generate_sample(out_dir: Path, sample_params: Mapping[str, Any]) -> dict[str
 
 def parse_params(sample_params: Mapping[str, Any]) -> SampleParams:
     """Fail early, naming the params.yaml key, instead of deep inside the drawing code."""
-    required = ("seed", "n_products", "max_images_per_product", "image_size_min", "image_size_max")
+    required = ("seed", "n_products", "max_images_per_product", "image_size_min", "image_size_max", "quirks", "label_noise")
     for key in required:
         if key not in sample_params:
             raise ConfigError(f"params.yaml has no key 'sample.{key}'")
-    raw_quirks = sample_params.get("quirks") or {}
+    raw_quirks = sample_params["quirks"] or {}
     unknown = sorted(set(raw_quirks) - set(QUIRK_KEYS))
     if unknown:
         raise ConfigError(f"unknown keys under 'sample.quirks': {unknown}; accepted: {list(QUIRK_KEYS)}")
-    quirks = {key: _fraction(raw_quirks.get(key, 0.0), f"sample.quirks.{key}") for key in QUIRK_KEYS}
+    missing = [key for key in QUIRK_KEYS if key not in raw_quirks]
+    if missing:
+        raise ConfigError(f"params.yaml has no key 'sample.quirks.{missing[0]}' (0 turns a quirk off)")
+    quirks = {key: _fraction(raw_quirks[key], f"sample.quirks.{key}") for key in QUIRK_KEYS}
     params = SampleParams(
         seed=_integer(sample_params["seed"], "sample.seed", minimum=0),
         n_products=_integer(sample_params["n_products"], "sample.n_products", minimum=1),
@@ -376,7 +379,7 @@ def parse_params(sample_params: Mapping[str, Any]) -> SampleParams:
         image_size_min=_integer(sample_params["image_size_min"], "sample.image_size_min", minimum=32),
         image_size_max=_integer(sample_params["image_size_max"], "sample.image_size_max", minimum=33),
         quirks=quirks,
-        label_noise=_fraction(sample_params.get("label_noise", 0.0), "sample.label_noise"),
+        label_noise=_fraction(sample_params["label_noise"], "sample.label_noise"),
     )
     if params.image_size_min >= params.image_size_max:
         raise ConfigError("'sample.image_size_min' must be below 'sample.image_size_max' (photos are never square)")

@@ -59,12 +59,12 @@ def image_embedder(settings: Mapping[str, Any]) -> Any:
     from pipeline_steps import image_features, models
 
     image = settings["train"]["image"]
-    threads = settings["train"].get("num_threads") or 1
+    threads = settings["train"]["num_threads"] or 1  # null (one per core) -> 1 per Dask worker process
     torch.set_num_threads(int(threads))
     spec = models.describe_weights(image["backbone"], image.get("weights"))
     backbone, _ = models.build_backbone(image["backbone"], spec)
     preprocessor = models.build_image_preprocessor(image, spec)
-    batch_size = int(settings["index"].get("batch_size", 64))
+    batch_size = int(settings["index"]["batch_size"])
 
     def embed(paths: Sequence[str]) -> np.ndarray:
         with torch.inference_mode():

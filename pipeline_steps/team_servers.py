@@ -320,7 +320,7 @@ def save_state(state: TeamState) -> None:
 
 def up(params: Mapping[str, Any], root: Path = PROJECT_ROOT, log: Any = print) -> TeamState:
     team = team_settings(params)
-    team_dir = resolve_path(str(team.get("dir", ".team")), root)
+    team_dir = resolve_path(str(team["dir"]), root)
     team_dir.mkdir(parents=True, exist_ok=True)
     existing = load_state(team_dir)
     if existing and existing.mlflow_url and existing.prefect_api_url:
@@ -334,24 +334,24 @@ def up(params: Mapping[str, Any], root: Path = PROJECT_ROOT, log: Any = print) -
         except requests.RequestException:
             pass
         down(params, root, log=lambda *_: None)
-    pg_params = team.get("postgres") or {}
-    databases = [str(pg_params.get("mlflow_database", "mlflow")), str(pg_params.get("prefect_database", "prefect"))]
-    pg = start_postgres(team_dir / "postgres", int(pg_params.get("port") or 0) or None,
-                        os_user=pg_params.get("os_user", "postgres"), databases=databases)
+    pg_params = team["postgres"]
+    databases = [str(pg_params["mlflow_database"]), str(pg_params["prefect_database"])]
+    pg = start_postgres(team_dir / "postgres", int(pg_params["port"]) or None,
+                        os_user=pg_params["os_user"], databases=databases)
     state = TeamState(dir=str(team_dir), postgres=asdict(pg))
     save_state(state)
     log(f"PostgreSQL: {pg.url('')} (data {pg.data_dir})")
-    ml = team.get("mlflow") or {}
-    artifacts = str(ml.get("artifacts_destination", "artifacts"))
+    ml = team["mlflow"]
+    artifacts = str(ml["artifacts_destination"])
     if "://" not in artifacts:
         artifacts = str(resolve_path(artifacts, team_dir))
-    process, url = start_mlflow(pg.url(databases[0], "psycopg2"), artifacts, int(ml.get("port") or 0) or None,
-                                team_dir / "mlflow.log", workers=int(ml.get("workers", 1)))
+    process, url = start_mlflow(pg.url(databases[0], "psycopg2"), artifacts, int(ml["port"]) or None,
+                                team_dir / "mlflow.log", workers=int(ml["workers"]))
     state.mlflow_pid, state.mlflow_url = process.pid, url
     save_state(state)
     log(f"MLflow server: {url} (backend {pg.url(databases[0])}, artifacts {artifacts})")
-    pf = team.get("prefect") or {}
-    process, api = start_prefect(pg.url(databases[1], "asyncpg"), int(pf.get("port") or 0) or None,
+    pf = team["prefect"]
+    process, api = start_prefect(pg.url(databases[1], "asyncpg"), int(pf["port"]) or None,
                                  team_dir / "prefect_home", team_dir / "prefect.log")
     state.prefect_pid, state.prefect_api_url = process.pid, api
     save_state(state)
@@ -361,7 +361,7 @@ def up(params: Mapping[str, Any], root: Path = PROJECT_ROOT, log: Any = print) -
 
 
 def down(params: Mapping[str, Any], root: Path = PROJECT_ROOT, log: Any = print) -> None:
-    team_dir = resolve_path(str(team_settings(params).get("dir", ".team")), root)
+    team_dir = resolve_path(str(team_settings(params)["dir"]), root)
     state = load_state(team_dir)
     if state is None:
         log("no team servers recorded")
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "down":
         down(params)
     else:
-        team_dir = resolve_path(str(team_settings(params).get("dir", ".team")), PROJECT_ROOT)
+        team_dir = resolve_path(str(team_settings(params)["dir"]), PROJECT_ROOT)
         state = load_state(team_dir)
         if state is None:
             print("no team servers running (make services)", file=sys.stderr)

@@ -42,7 +42,9 @@ CLASSES = sorted([
 SPLITS = ["train", "train", "train", "train", "val", "test"]  # per class: 4 train, 1 val, 1 test
 TOWNS = [("Leeds", "West Yorkshire"), ("Bath", "Somerset"), ("Hove", "East Sussex")]
 
-FAST = {"tfidf_max_features": 2000, "logreg_c": 10.0, "pixel_size": 4, "price_alpha": 1.0, "max_iter": 300}
+# The project's train.baselines with smaller, faster settings (every key is required).
+FAST = {**load_params()["train"]["baselines"], "tfidf_max_features": 2000, "logreg_c": 10.0, "pixel_size": 4,
+        "price_alpha": 1.0, "max_iter": 300, "seed": 0}
 
 REAL_DATA = (PROJECT_ROOT / ".." / "shared" / "data" / "marketplace").resolve()
 
