@@ -161,7 +161,7 @@ def test_register_uses_the_configured_store_when_no_uri_is_exported(
 
 def test_a_champion_scored_on_another_split_is_rescored_before_the_comparison(pipeline_run: tuple[Path, list[str]]) -> None:
     """New data (another test split) must not freeze the champion: it is re-scored on the current split."""
-    _, overrides = pipeline_run
+    work, overrides = pipeline_run
     client = MlflowClient()
     name = NAMES["price"]
     champion = client.get_model_version_by_alias(name, "champion")
@@ -176,10 +176,36 @@ def test_a_champion_scored_on_another_split_is_rescored_before_the_comparison(pi
     rescored = client.get_model_version(name, champion.version)
     assert rescored.tags["test_split_hash"] == current_split
     assert rescored.tags["registered_test_split_hash"] == "an-older-export"
+    # re-scored as served: with the category of the text classifier the new version was scored with
+    assert rescored.tags["category_model_run_id"] == json.loads((work / "metrics" / "price.json").read_text())["category_model_run_id"]
     assert float(rescored.tags["metric.median_abs_error"]) == pytest.approx(decision["champion_value"])
     assert decision["champion_value"] < 999999.0  # the champion's real error on this split, not the stale tag
     assert "not comparable" not in decision["reason"], decision["reason"]
     assert decision["version"] != str(champion.version) and decision["champion_version"] == str(champion.version)
+
+
+def test_a_price_champion_scored_with_another_category_classifier_is_rescored(pipeline_run: tuple[Path, list[str]]) -> None:
+    """Same rows, but the champion's price error was computed with another text classifier's categories:
+    the numbers are not comparable until it is re-scored with the classifier served now."""
+    work, overrides = pipeline_run
+    client = MlflowClient()
+    name = NAMES["price"]
+    champion = client.get_model_version_by_alias(name, "champion")
+    split = champion.tags["test_split_hash"]
+    client.set_model_version_tag(name, champion.version, "category_model_run_id", "a-text-model-no-longer-served")
+    client.set_model_version_tag(name, champion.version, "metric.median_abs_error", "999999.0")
+
+    train_flow(overrides=overrides, model="price")
+    evaluate_flow(overrides=overrides, model="price")
+    decision = register_flow(overrides=overrides, model="price")["price"]
+
+    text_run = (work / "artifacts" / "models" / "text" / "run_id.txt").read_text().strip()
+    rescored = client.get_model_version(name, champion.version)
+    assert rescored.tags["category_model_run_id"] == text_run
+    assert rescored.tags["test_split_hash"] == split
+    assert decision["champion_value"] == pytest.approx(float(rescored.tags["metric.median_abs_error"]))
+    assert decision["champion_value"] < 999999.0  # its error with the served classifier, not the stale tag
+    assert "not comparable" not in decision["reason"], decision["reason"]
 
 
 def test_index_and_bundle_belong_to_the_champions(pipeline_run: tuple[Path, list[str]]) -> None:
