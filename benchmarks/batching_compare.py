@@ -44,6 +44,7 @@ def run_one(url: str, bundle: Path, requests: int, clients: int, out: Path) -> d
         "p50_ms": overall["latency_2xx"]["p50_ms"], "p99_ms": overall["latency_2xx"]["p99_ms"],
         "status_5xx": overall["status_5xx"], "connection_errors": overall["connection_errors"],
         "mean_batch": rank.get("mean_batch_size"), "max_batch": rank.get("max_batch_size_seen"),
+        "retries": rank.get("retries"),
     }
 
 
