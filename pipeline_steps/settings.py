@@ -206,6 +206,7 @@ class MultimodalTrainSettings(WideSettings):
     fine_tune_towers: StrictBool
     tower_lr: PositiveFloat
     wide_init: Literal["tower", "zero"]
+    photo_calibration: Literal["none", "val"] = "none"  # issue 9: photo weight per class fitted on val
     label_smoothing: Probability | None = None  # None: train.label_smoothing
 
 

@@ -991,6 +991,7 @@ def train_multimodal_classifier(
     pooling = require_choice(params.get("image_pooling", "mean"), "train.multimodal.image_pooling", models.IMAGE_POOLING)
     image_input = require_choice(params.get("image_input", "head"), "train.multimodal.image_input", models.IMAGE_INPUTS)
     fine_tune = bool(params.get("fine_tune_towers", False))
+    photo_calibration = require_choice(params.get("photo_calibration", "none"), "train.multimodal.photo_calibration", PHOTO_CALIBRATIONS)
     lr, weight_decay = _number(params, "lr", "multimodal"), _number(params, "weight_decay", "multimodal", default=0.0)
     tower_lr = _number(params, "tower_lr", "multimodal", default=1e-4) if fine_tune else 0.0
     use_wide = wide_enabled(params, "multimodal")
@@ -1009,6 +1010,9 @@ def train_multimodal_classifier(
     preprocessor, tokenizer = image_loaded.preprocessor, text_loaded.tokenizer
     max_length = int(text_loaded.config["preprocessing"]["text"]["max_length"])
 
+    calibration: dict[str, Any] = {"mode": "none"}
+    if photo_calibration == "val" and fine_tune:
+        log.warning("train.multimodal.photo_calibration: val applies to frozen towers only (fine_tune_towers: false); not fitted")
     seed_everything(settings.seed)
     with deterministic(settings.num_threads):
         fusion = models.build_fusion_head(
@@ -1067,6 +1071,9 @@ def train_multimodal_classifier(
             groups = [{"params": list(fusion.parameters()), "lr": lr, "weight_decay": weight_decay}, *wide_groups]
             trained = models.FusionWithWide(fusion, wide) if wide is not None else fusion
             outcome = fit(trained, groups, train_set, val_set, ds.collate_tensor_dicts, settings, resume, on_epoch_end)
+            if photo_calibration == "val":
+                calibration = fit_photo_calibration(model, trained, val_set)
+                log.info("photo calibration on val: %s", calibration)
 
     config = _base_config("multimodal", data.classes, params, outcome, settings.device)
     config.update(
@@ -1081,6 +1088,7 @@ def train_multimodal_classifier(
                 "dropout": float(params.get("dropout", 0.2)),
                 "modality_dropout": fusion.modality_dropout,
                 "towers_fine_tuned": fine_tune,
+                "photo_calibration": calibration,
                 "n_classes": len(data.classes),
                 "image_dim": models.image_input_dim(image_tower, image_input),
                 "text_dim": text_tower.embedding_dim,
@@ -1100,6 +1108,59 @@ def train_multimodal_classifier(
     model.cpu().eval()
     save_model_dir(out_dir, config, model, outcome.history, encoder_files=(tokenizer, text_tower.encoder.transformer), wide=featurizer)
     return _result("multimodal", Path(out_dir), outcome, settings.device, config, model, tokenizer)
+
+
+PHOTO_CALIBRATIONS = ("none", "val")
+
+
+@torch.no_grad()
+def _val_outputs(model: models.MultimodalClassifier, trained: nn.Module, val_set: Dataset) -> tuple[torch.Tensor, ...]:
+    trained.eval()
+    base, photo, present, labels = [], [], [], []
+    for inputs, y in DataLoader(val_set, batch_size=256, shuffle=False, collate_fn=ds.collate_tensor_dicts):
+        base.append(trained(**inputs).float())
+        photo.append(model.photo_log_proba(inputs["image_emb"]))
+        present.append(inputs["image_present"].bool())
+        labels.append(y)
+    return torch.cat(base), torch.cat(photo), torch.cat(present), torch.cat(labels)
+
+
+def fit_photo_calibration(
+    model: models.MultimodalClassifier, trained: nn.Module, val_set: Dataset, l2: float = 1e-2, steps: int = 200
+) -> dict[str, Any]:
+    """Fit the multimodal model's photo term (`photo_weight` w, `photo_bias` b per class) on the val split:
+    logits = fusion logits + w * log P_image(pooled photos) + b for products with a photo (a stacker on
+    outputs the towers did not train on; L2 on w and b). Writes w and b into `model`; returns a summary."""
+    base, photo, present, labels = _val_outputs(model, trained, val_set)
+    n_classes = base.shape[1]
+    weight = torch.zeros(n_classes, requires_grad=True)
+    bias = torch.zeros(n_classes, requires_grad=True)
+    rows = present
+    optimizer = torch.optim.LBFGS([weight, bias], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = base[rows] + photo[rows] * weight + bias
+        loss = F.cross_entropy(logits, labels[rows]) + l2 * (weight.square().sum() + bias.square().sum())
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        model.photo_weight.copy_(weight.detach())
+        model.photo_bias.copy_(bias.detach())
+        before = (base.argmax(1) == labels).float().mean().item()
+        after_logits = base + torch.where(present[:, None], photo * weight + bias, torch.zeros_like(base))
+        after = (after_logits.argmax(1) == labels).float().mean().item()
+    return {
+        "mode": "val",
+        "fitted_on": int(rows.sum()),
+        "l2": l2,
+        "mean_weight": round(float(weight.detach().mean()), 4),
+        "val_accuracy_before": round(before, 4),
+        "val_accuracy_after": round(after, 4),
+    }
 
 
 def _multimodal_wide(
