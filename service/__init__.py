@@ -1,7 +1,9 @@
 """The BentoML service of the marketplace pipeline (service.service:MarketplaceSearch).
 
-`service.request_validation` holds the pure request checks, `service.engine` the
-in-process engine (bundle loading, inference, search) the service wraps.
+`service.service` holds only the API class; `service.settings` (params), `service.bundle` (loading),
+`service.engine` (inference and search, no HTTP), `service.responses` (response bodies),
+`service.batching` (the micro-batcher), `service.multipart` (a BentoML work-around),
+`service.request_validation` (the pure request checks), `service.schemas` and `service.ui` are its rooms.
 
 Importing this package applies the project's process environment (telemetry off, hubs
 offline) before `service.service` imports BentoML (see pipeline_steps/runtime_env.py).
