@@ -405,6 +405,17 @@ class Scored(NamedTuple):
     ids: list[str]  # product_id of each scored row (one per photo for the image models)
 
 
+def per_product_scores(proba: np.ndarray, product_ids: Sequence[str], labels: Sequence[Any], classes: Sequence[str], pooling: str | None) -> dict[str, Any]:
+    """An image model's accuracy, macro-F1 and top-3 per product: its photos' predictions pooled by
+    `image_features.pool_by_product` (mean of log-probabilities unless `pooling` says `mean`)."""
+    from pipeline_steps.image_features import check_pooling, pool_by_product  # torch: only for the networks
+
+    pooling = check_pooling(pooling)
+    _, product_labels, pooled = pool_by_product(proba, product_ids, labels, pooling)
+    scored = classification_metrics(product_labels, pooled, classes)
+    return {k: scored[k] for k in ("accuracy", "macro_f1", "top3_accuracy", "n")} | {"pooling": pooling}
+
+
 def score_model(
     kind: str, model_dir: str | Path, clean_dir: str | Path, category_model_dir: str | Path | None = None, split: str = "test"
 ) -> Scored:
@@ -434,6 +445,9 @@ def score_model(
         metrics = classification_metrics(prediction.labels, prediction.proba, classifier.classes)
         metrics["unit"] = "image" if kind == "image" else "product"
         ids = prediction.ids["product_id"].astype(str).tolist()
+        if kind == "image":  # issue 9: a listing's photos pooled into one prediction (train.image.product_pooling)
+            metrics["per_product"] = per_product_scores(prediction.proba, ids, prediction.labels, classifier.classes,
+                                                        classifier.config.get("params", {}).get("product_pooling"))
         return Scored(metrics, prediction.labels, prediction.proba.argmax(axis=1), list(classifier.classes), ids)
     if kind not in SKLEARN_KINDS:
         raise PipelineError(f"unknown model kind {kind!r}; accepted: {', '.join(CLASSIFIER_KINDS + SKLEARN_KINDS)}")

@@ -28,11 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline_steps import datasets as ds
+from pipeline_steps.errors import ConfigError
 from pipeline_steps.io_utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -174,3 +177,49 @@ def backbone_features(
     # duplicates inside `todo` (same bytes twice) map to the first computed row
     index = torch.tensor([known[key] for key in keys], dtype=torch.long)
     return stored[index].clone()
+
+
+# --------------------------------------------------------------------------- per-product pooling
+# The image model predicts one photo at a time; a listing often has several photos. Its per-product
+# prediction pools them: ``mean_log`` (default, `train.image.product_pooling`) = the mean of the photos'
+# log-probabilities (the normalised geometric mean: a product of experts over views of one item);
+# ``mean`` = the mean of the probabilities. metrics/image.json's `per_product` and the real-data report use it.
+
+PRODUCT_POOLING = ("mean_log", "mean")
+DEFAULT_PRODUCT_POOLING = "mean_log"
+_EPS = 1e-12
+
+
+def check_pooling(value: str | None) -> str:
+    pooling = DEFAULT_PRODUCT_POOLING if value is None else value
+    if pooling not in PRODUCT_POOLING:
+        raise ConfigError(f"params.yaml key 'train.image.product_pooling' must be one of {', '.join(PRODUCT_POOLING)}, got {value!r}")
+    return pooling
+
+
+def pool_by_product(
+    proba: np.ndarray, product_ids: Sequence[str], labels: Sequence[int], pooling: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(product ids, labels, pooled probabilities) with one row per product, in first-seen order.
+
+    `proba` is (n photos, n classes); rows of a product share its label (the first is kept).
+    Pooled rows are probabilities (they sum to 1) for both poolings.
+    """
+    pooling = check_pooling(pooling)
+    proba = np.asarray(proba, dtype=np.float64)
+    ids = pd.Series([str(p) for p in product_ids])
+    codes, uniques = pd.factorize(ids, sort=False)
+    n_products, n_classes = len(uniques), proba.shape[1] if proba.ndim == 2 else 0
+    values = np.log(np.clip(proba, _EPS, 1.0)) if pooling == "mean_log" else proba
+    sums = np.zeros((n_products, n_classes), dtype=np.float64)
+    np.add.at(sums, codes, values)
+    counts = np.bincount(codes, minlength=n_products).reshape(-1, 1).astype(np.float64)
+    pooled = sums / np.maximum(counts, 1.0)
+    if pooling == "mean_log":
+        pooled = np.exp(pooled - pooled.max(axis=1, keepdims=True))
+        pooled /= pooled.sum(axis=1, keepdims=True)
+    first = np.zeros(n_products, dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes))[::-1]
+    product_labels = np.asarray(labels)[first] if len(codes) else np.asarray(labels)[:0]
+    return np.asarray(uniques, dtype=object), product_labels, pooled.astype(np.float32)
+

@@ -36,3 +36,11 @@ def test_per_product_metrics_and_pooling_choice() -> None:
     assert metrics["n"] == 2 and metrics["accuracy"] == pytest.approx(0.5)  # a -> c0 (right), b -> c0 (wrong)
     with pytest.raises(ConfigError, match="product_pooling.*mean_log, mean"):
         image_eval.check_pooling("max")
+
+
+def test_evaluate_writes_the_per_product_scores_of_the_image_model() -> None:
+    from pipeline_steps import evaluation
+
+    scores = evaluation.per_product_scores(PROBA, PRODUCTS, LABELS, ["c0", "c1"], None)
+    assert scores["pooling"] == "mean_log" and scores["n"] == 2 and scores["accuracy"] == pytest.approx(0.5)
+    assert evaluation.per_product_scores(PROBA, PRODUCTS, LABELS, ["c0", "c1"], "mean")["pooling"] == "mean"
