@@ -19,16 +19,10 @@ TIMEOUT = 60
 
 @pytest.fixture(scope="module")
 def url(bundle_dir, tmp_path_factory):
-    from tests.support.serving import ServiceProcess
+    from tests.support.serving import served
 
-    tmp = tmp_path_factory.mktemp("service_ranking")
-    proc = ServiceProcess(bundle_dir, tmp / "bentoml_home", tmp / "serve.log")
-    proc.start(timeout=240)
-    try:
+    with served(bundle_dir, tmp_path_factory.mktemp("service_ranking")) as proc:  # asserts no request got a 500
         yield proc.url
-    finally:
-        proc.stop()
-        assert "status=500" not in proc.log_tail(200_000), proc.log_tail(5000)
 
 
 def _post(url: str, endpoint: str, body: dict) -> requests.Response:

@@ -3,6 +3,8 @@
 `ServiceProcess(bundle_dir, bentoml_home, log_path)` starts `bentoml serve <target>` (default
 service.service:MarketplaceSearch) on a free loopback port with MARKETPLACE_BUNDLE_DIR and
 BENTOML_HOME set, waits for /readyz and stops it (terminate the process group, wait, kill).
+`served(bundle_dir, workdir)` is the tests' module fixture body: serve, yield, stop, and fail when
+the server answered any request with a 500.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +136,17 @@ class ServiceProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+@contextmanager
+def served(bundle_dir: str | Path, workdir: str | Path, timeout: float = 240.0) -> Iterator[ServiceProcess]:
+    """Serve `bundle_dir` for the block; afterwards assert that no request was answered with a 500."""
+    workdir = Path(workdir)
+    proc = ServiceProcess(bundle_dir, workdir / "bentoml_home", workdir / "serve.log")
+    proc.start(timeout=timeout)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        log = proc.log_tail(200_000)
+        assert "status=500" not in log, "the service answered a request with a 500:\n" + log[-5000:]
