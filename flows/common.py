@@ -23,6 +23,7 @@ from typing import Any
 
 from prefect.cache_policies import CacheKeyFnPolicy, TASK_SOURCE
 
+from flows.process_tree import WATCH_PIDS_ENV
 from pipeline_steps import config
 from pipeline_steps.io_utils import write_json
 
@@ -166,78 +167,33 @@ def install_stop_handlers(deadline_s: float = STOP_DEADLINE_S) -> None:
         signal.signal(signal.SIGINT, stop)
 
 
-# Shells a stage command may be wrapped in: dvc runs each stage as `$SHELL -c "<cmd>"`, and
-# dash (Debian's /bin/sh, what dvc uses when SHELL is unset) stays as the stage's parent
-# instead of exec-ing the command, so that shell, not dvc, is what the stage sees die first.
-_WRAPPER_SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"})
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int]:
-    """(state, parent pid, start time in clock ticks) of a process, from /proc (Linux)."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1]), int(fields[19])
-
-
-def watched_ancestor(pid: int | None = None) -> int:
-    """The process whose end should stop this one: its parent, skipping `<shell> -c` wrappers.
-
-    Args:
-        pid: the process to look up from (default: this process).
-
-    Returns:
-        The pid of the first ancestor that is not a shell running `-c`; the direct parent
-        when /proc cannot be read (not Linux) or the chain is unusually long.
-    """
-    child = os.getpid() if pid is None else pid
-    ancestor = _proc_stat(child)[1] if Path("/proc").is_dir() else os.getppid()
-    for _ in range(4):
-        try:
-            argv = Path(f"/proc/{ancestor}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-            parent = _proc_stat(ancestor)[1]
-        except (OSError, IndexError, ValueError):
-            return ancestor
-        name = os.path.basename(argv[0].decode(errors="replace")).lstrip("-")
-        if name not in _WRAPPER_SHELLS or b"-c" not in argv[1:] or parent <= 1:
-            return ancestor
-        ancestor = parent
-    return ancestor
-
-
-def _still_running(pid: int, started: int | None) -> bool:
-    """True while `pid` is the same process as when first seen and not a zombie."""
-    try:
-        state, _, start = _proc_stat(pid)
-    except (OSError, IndexError, ValueError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return started is None
-    return state != "Z" and (started is None or start == started)
-
-
 def stop_with_parent(poll_s: float = 0.5) -> None:
     """Stop this stage (as SIGTERM would) when the process that started it goes away.
 
     `dvc repro` dies on SIGTERM without passing it to the running stage, which then went
     on alone, with its temporary Prefect API. The process watched is dvc itself even when a
-    `sh -c` wrapper sits between (watched_ancestor). Only used under dvc (DVC_STAGE is set):
-    a stage started by hand with `nohup` keeps running when its shell exits.
+    `sh -c` wrapper sits between (flows/process_tree.watched_ancestor); a stage run by the
+    stage runner (flows/stage_runner.py) watches the client dvc started and that client's
+    own parent, named in MARKETPLACE_WATCH_PIDS. Only used under dvc or the runner: a stage
+    started by hand with `nohup` keeps running when its shell exits.
     """
+    from flows import process_tree
+
     parent = os.getppid()
-    ancestor = watched_ancestor()
-    try:
-        started: int | None = _proc_stat(ancestor)[2]
-    except (OSError, IndexError, ValueError):
-        started = None
+    named = process_tree.watch_list_from_env()
+    if named:
+        watched, check_parent = named, False
+    else:
+        ancestor = process_tree.watched_ancestor()
+        watched, check_parent = [(ancestor, process_tree.start_time(ancestor))], True
 
     def watch() -> None:
-        while os.getppid() == parent and _still_running(ancestor, started):
+        while (not check_parent or os.getppid() == parent) and all(
+            process_tree.still_running(pid, started) for pid, started in watched
+        ):
             time.sleep(poll_s)
-        log.warning("the process that started this stage (pid %d) has gone: stopping", ancestor)
+        log.warning("the process that started this stage (pid %s) has gone: stopping",
+                    ", ".join(str(pid) for pid, _ in watched))
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
@@ -270,8 +226,9 @@ def run_cli(flow_fn: Callable[..., Any], parser: argparse.ArgumentParser, argv: 
     args = vars(parser.parse_args(argv))
     install_stop_handlers()
     stage = os.environ.get("DVC_STAGE")
-    if stage:
+    if stage or os.environ.get(WATCH_PIDS_ENV):
         stop_with_parent()
+    if stage:
         # The Prefect UI lists the run under the DVC stage's name (train_image, not "train").
         flow_fn = flow_fn.with_options(flow_run_name=stage.replace("{", "(").replace("}", ")"))
     try:

@@ -28,10 +28,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -180,30 +182,91 @@ def prefect_api(port: int | None = None, log_path: Path | None = None, keep: boo
     """Yield the environment of commands that use one Prefect API (started here if needed).
 
     With PREFECT_API_URL set, that API is checked and used; otherwise a local server is
-    started and, unless `keep`, stopped on exit (also on an exception or interrupt).
+    started and, unless `keep`, stopped on exit (also on an exception or interrupt). A stage
+    runner (flows/stage_runner.py) imports the stages meanwhile; the commands' stages hand
+    themselves over to it (MARKETPLACE_STAGE_RUNNER=off in the environment: no runner).
     """
     configured = os.environ.get(API_ENV)
     if configured:
         require_api(configured)
         env = dict(os.environ)
         runtime_env.apply(env)
-        yield env
+        runner = StageRunner.start(env)
+        try:
+            runner.wait_ready(env)
+            yield env
+        finally:
+            runner.stop()
         return
     env_port = os.environ.get("PREFECT_PORT")
     port = choose_port(port or (int(env_port) if env_port else DEFAULT_PORT))
     env = server_env(port)
     log_path = log_path or Path(env["PREFECT_HOME"]) / "server.log"
     started = time.monotonic()
-    server = start_server(port, env, log_path)
-    print(f"prefect-server: Prefect UI at http://127.0.0.1:{port} (up in {time.monotonic() - started:.0f} s)", file=sys.stderr)
-    env[SERVER_PID_ENV] = str(server.pid)
+    runner = StageRunner.start(env)  # imports the stages while the server starts
+    server: subprocess.Popen | None = None
     try:
+        server = start_server(port, env, log_path)
+        print(f"prefect-server: Prefect UI at http://127.0.0.1:{port} (up in {time.monotonic() - started:.0f} s)", file=sys.stderr)
+        env[SERVER_PID_ENV] = str(server.pid)
+        runner.wait_ready(env)
         yield env
     finally:
-        if keep:
-            print(f"prefect-server: left running (pid {server.pid}); stop it with `kill -- -{server.pid}`", file=sys.stderr)
-        else:
-            stop_process_group(server)
+        runner.stop()
+        if server is not None:
+            if keep:
+                print(f"prefect-server: left running (pid {server.pid}); stop it with `kill -- -{server.pid}`", file=sys.stderr)
+            else:
+                stop_process_group(server)
+
+
+class StageRunner:
+    """The stage runner process for one wrapped command (none when MARKETPLACE_STAGE_RUNNER=off)."""
+
+    READY_TIMEOUT_S = 180.0
+
+    def __init__(self, process: subprocess.Popen | None, socket_path: Path | None, log_path: Path | None) -> None:
+        self.process, self.socket_path, self.log_path = process, socket_path, log_path
+
+    @classmethod
+    def start(cls, env: Mapping[str, str]) -> StageRunner:
+        """Launch `python -m flows.stage_runner` with the commands' environment (not yet waited for)."""
+        from flows.stage_client import RUNNER_ENV
+
+        if os.environ.get(RUNNER_ENV) == "off":
+            return cls(None, None, None)
+        folder = Path(tempfile.mkdtemp(prefix="marketplace-runner-"))  # short: a socket path has a length limit
+        socket_path, log_path = folder / "runner.sock", folder / "runner.log"
+        runner_env = {k: v for k, v in env.items() if k != RUNNER_ENV}
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "flows.stage_runner", "--socket", str(socket_path)],
+                env=runner_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        return cls(process, socket_path, log_path)
+
+    def wait_ready(self, env: dict[str, str]) -> None:
+        """Wait until the runner serves, then point the commands at it; without it they run as before."""
+        from flows.stage_client import RUNNER_ENV
+        from flows.stage_runner import READY_LINE
+
+        if self.process is None or self.socket_path is None or self.log_path is None:
+            return
+        deadline = time.monotonic() + self.READY_TIMEOUT_S
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if READY_LINE in self.log_path.read_text(errors="replace"):
+                env[RUNNER_ENV] = str(self.socket_path)
+                print(f"prefect-server: stage runner ready ({self.log_path})", file=sys.stderr)
+                return
+            time.sleep(0.2)
+        tail = self.log_path.read_text(errors="replace")[-1500:]
+        print(f"prefect-server: no stage runner (each stage imports its own libraries):\n{tail}", file=sys.stderr)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process)
+        if self.socket_path is not None:
+            shutil.rmtree(self.socket_path.parent, ignore_errors=True)
 
 
 def run_command(cmd: Sequence[str], env: Mapping[str, str], grace: float = STOP_GRACE_S) -> int:

@@ -119,7 +119,7 @@ def _children_alive(pids: list[int]) -> list[int]:
     return alive
 
 
-WATCHED_SCRIPT = "from flows.common import watched_ancestor; print(watched_ancestor())"
+WATCHED_SCRIPT = "from flows.process_tree import watched_ancestor; print(watched_ancestor())"
 
 
 @pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
