@@ -36,7 +36,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from markdown_report import replace_section  # noqa: E402
 
 SECTION_HEADING = "## Orchestration overhead (the demo pipeline)"
-COMMAND = ".venv/bin/python benchmarks/pipeline_overhead.py --priority --update-markdown BENCHMARKS.md"
+COMMAND = (".venv/bin/python benchmarks/pipeline_overhead.py --priority --no-runner --out benchmarks/results/pipeline_overhead_no_runner.json; "
+           ".venv/bin/python benchmarks/pipeline_overhead.py --priority --baseline benchmarks/results/pipeline_overhead_no_runner.json "
+           "--update-markdown BENCHMARKS.md")
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 
@@ -88,8 +90,8 @@ def _parse(ts: str) -> datetime:
     return datetime.fromisoformat(ts.replace("Z", "+00:00"))
 
 
-def to_markdown(report: dict) -> str:
-    """The BENCHMARKS.md section: targets, totals and the per-stage table."""
+def to_markdown(report: dict, baseline: dict | None = None) -> str:
+    """The BENCHMARKS.md section: targets, totals, the per-stage table (and the run without the stage runner)."""
     share = report["overhead_share"]
     lines = [
         SECTION_HEADING,
@@ -106,7 +108,9 @@ def to_markdown(report: dict) -> str:
         f"| demo pipeline after the install (server + sample + all stages) | **{report['pipeline_wall_s'] / 60:.1f} min** | ≤ 8 min |",
         f"| `make repro` with nothing changed (server start included) | **{report['repro_unchanged_make_s']:.0f} s** | ≤ 30 s |",
         f"| plain `dvc repro` with nothing changed | {report['repro_unchanged_plain_s']:.0f} s | |",
-        f"| Prefect server start (once per run) | {report['prefect_server_start_s']:.0f} s | |",
+        f"| Prefect server start (once per run; the stage runner imports the stages meanwhile) | {report['prefect_server_start_s']:.0f} s | |",
+        "",
+        f"Stage runner (flows/stage_runner.py): {'on' if report.get('stage_runner') else 'off'}.",
         "",
         "| stage | wall s | flow's own work s | overhead s | of which before the flow / after it |",
         "|---|---:|---:|---:|---:|",
@@ -120,6 +124,26 @@ def to_markdown(report: dict) -> str:
         " Prefect flow run, start to end, read back from the server's API. The overhead is what remains: process start,"
         " imports of the libraries the stage uses, dvc's hashing and lock-file updates, the server's start."
     )
+    if baseline:
+        lines += [
+            "",
+            f"The same run without the stage runner (`--no-runner`, run just before, load average at start"
+            f" {baseline['machine']['load_avg_at_start'][0]:.1f}): each stage imports its own libraries.",
+            "",
+            "| | without the runner | with it |",
+            "|---|---:|---:|",
+            f"| orchestration overhead | {baseline['overhead_s']:.0f} s = {baseline['overhead_share']:.1%} | {report['overhead_s']:.0f} s = {report['overhead_share']:.1%} |",
+            f"| demo pipeline wall time | {baseline['pipeline_wall_s'] / 60:.1f} min | {report['pipeline_wall_s'] / 60:.1f} min |",
+            f"| flows' own work | {baseline['flows_work_s']:.0f} s | {report['flows_work_s']:.0f} s |",
+            "",
+            "| stage | overhead s without | with | before the flow s without | with |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        before = {s["stage"]: s for s in baseline["stages"]}
+        for stage in report["stages"]:
+            old = before.get(stage["stage"], {})
+            lines.append(f"| {stage['stage']} | {old.get('overhead_s', float('nan')):.1f} | {stage['overhead_s']:.1f} |"
+                         f" {old.get('before_flow_s', float('nan')):.1f} | {stage.get('before_flow_s', float('nan')):.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -131,9 +155,12 @@ def main() -> None:
     parser.add_argument("--priority", action="store_true",
                         help="on a shared machine: give this run's process group the scheduler's priority (autogroup nice -20; root)")
     parser.add_argument("--render", type=Path, default=None, help="no run: render this JSON report (with --update-markdown)")
+    parser.add_argument("--no-runner", action="store_true", help="without the stage runner: each stage imports its own libraries")
+    parser.add_argument("--baseline", type=Path, default=None, help="a --no-runner report to compare with, in the Markdown")
     args = parser.parse_args()
+    baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     if args.render:
-        section = to_markdown(json.loads(args.render.read_text()))
+        section = to_markdown(json.loads(args.render.read_text()), baseline)
         if args.update_markdown:
             replace_section(args.update_markdown, SECTION_HEADING, section)
         else:
@@ -144,6 +171,11 @@ def main() -> None:
     env = dict(os.environ)
     env.pop("PREFECT_API_URL", None)
     os.environ.pop("PREFECT_API_URL", None)
+    if args.no_runner:
+        os.environ["MARKETPLACE_STAGE_RUNNER"] = env["MARKETPLACE_STAGE_RUNNER"] = "off"
+    else:
+        os.environ.pop("MARKETPLACE_STAGE_RUNNER", None)
+        env.pop("MARKETPLACE_STAGE_RUNNER", None)
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     py = sys.executable
@@ -159,7 +191,10 @@ def main() -> None:
         if args.priority and prefect_server.SERVER_PID_ENV in server_env:
             # the server answers every stage's API calls: it is part of the run, so it gets the priority too
             _take_priority(int(server_env[prefect_server.SERVER_PID_ENV]))
-        run_env = {**env, **{k: v for k, v in server_env.items() if k.startswith("PREFECT")}}
+        if args.priority and prefect_server.RUNNER_PID_ENV in server_env:
+            _take_priority(int(server_env[prefect_server.RUNNER_PID_ENV]))  # the stages run in its forks
+        run_env = {**env, **{k: v for k, v in server_env.items() if k.startswith(("PREFECT", "MARKETPLACE_STAGE_RUNNER"))}}
+        report["stage_runner"] = "MARKETPLACE_STAGE_RUNNER" in run_env and run_env["MARKETPLACE_STAGE_RUNNER"] != "off"
         if not args.skip_sample:
             shutil.rmtree(ROOT / "data" / "raw", ignore_errors=True)  # generated as on a fresh clone
             marks += run_timed([py, "-m", "flows.generate_sample"], run_env, label="generate_sample")[1]
@@ -211,7 +246,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     if args.update_markdown:
-        replace_section(args.update_markdown, SECTION_HEADING, to_markdown(report))
+        replace_section(args.update_markdown, SECTION_HEADING, to_markdown(report, baseline))
     print(json.dumps({k: v for k, v in report.items() if k != "stages"}, indent=2))
     print(f"{'stage':20s} {'wall s':>8s} {'work s':>8s} {'overhead s':>10s}")
     for s in stages:

@@ -46,6 +46,8 @@ from pipeline_steps.errors import PipelineError
 API_ENV = "PREFECT_API_URL"
 #: Set in the commands' environment when this wrapper started the server (its process id).
 SERVER_PID_ENV = "MARKETPLACE_PREFECT_SERVER_PID"
+#: ... and the stage runner's (flows/stage_runner.py), when one serves the command's stages.
+RUNNER_PID_ENV = "MARKETPLACE_STAGE_RUNNER_PID"
 DEFAULT_PORT = 4200
 #: Exit code when the API cannot be reached or started (distinct from a stage's own failure).
 EXIT_API_UNAVAILABLE = 3
@@ -256,6 +258,7 @@ class StageRunner:
         while time.monotonic() < deadline and self.process.poll() is None:
             if READY_LINE in self.log_path.read_text(errors="replace"):
                 env[RUNNER_ENV] = str(self.socket_path)
+                env[RUNNER_PID_ENV] = str(self.process.pid)
                 print(f"prefect-server: stage runner ready ({self.log_path})", file=sys.stderr)
                 return
             time.sleep(0.2)
