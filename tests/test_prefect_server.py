@@ -36,6 +36,9 @@ def _listening(port: int) -> bool:
 def _env_without_api(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_API_URL")}
     env["PREFECT_LOGGING_LEVEL"] = "INFO"  # conftest quiets Prefect; these tests wait for "Beginning flow run"
+    # These commands are not flows.<stage> modules: a stage runner (tests/test_stage_runner.py)
+    # would only add its start-up to every wrapper here.
+    env["MARKETPLACE_STAGE_RUNNER"] = "off"
     env.update(extra)
     return env
 
