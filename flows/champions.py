@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
 from prefect import task
 
 from flows import tracking
@@ -31,9 +32,10 @@ def fetch_champion_task(kind: str, settings: dict[str, Any]) -> tuple[str, str, 
         (local model dir, registered model name, version).
     """
     tracking.setup(settings)
+    client = MlflowClient()  # one client for this fetch, for the store just configured
     registry_params = settings["registry"]
     name = registry.model_name(registry_params["model_prefix"], kind)
-    found = registry.champion_version(name, registry_params["champion_alias"])
+    found = registry.champion_version(name, registry_params["champion_alias"], client=client)
     if found is None:
         raise LookupError(f"{name} has no '{registry_params['champion_alias']}' version: run the register stage first")
     version = str(found[0])
@@ -45,7 +47,7 @@ def fetch_champion_task(kind: str, settings: dict[str, Any]) -> tuple[str, str, 
     from pipeline_steps.mlflow_models import find_model_dir
 
     with atomic_dir(target) as tmp:
-        downloaded = registry.download_champion(name, registry_params["champion_alias"], tmp / "download")
+        downloaded = registry.download_champion(name, registry_params["champion_alias"], tmp / "download", client=client)
         shutil.copytree(find_model_dir(downloaded), tmp / "model")
         shutil.rmtree(tmp / "download")
         write_text(tmp / "registered_version.txt", f"{name}:{version}\n")
