@@ -15,7 +15,7 @@ from prefect import flow, task
 
 from flows import tracking
 from flows.common import base_parser, load_params, path_of, run_cli
-from pipeline_steps import evaluation
+from pipeline_steps import evaluation, visualise
 from pipeline_steps.config import existing_dir, require_choice
 from pipeline_steps.evaluation import (
     CATEGORY_MODEL_KEY,
@@ -56,15 +56,15 @@ def evaluate_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
 
     figures = []
     if kind != "price":
-        figures.append(evaluation.save_confusion_matrix(y_true, y_pred, classes, plots_dir / f"{kind}_confusion.png",
+        figures.append(visualise.save_confusion_matrix(y_true, y_pred, classes, plots_dir / f"{kind}_confusion.png",
                                                         title=f"{kind} (test)"))
-        figures.append(evaluation.save_per_class_bar(metrics, plots_dir / f"{kind}_per_class_f1.png", title=f"{kind} per-class F1"))
+        figures.append(visualise.save_per_class_bar(metrics, plots_dir / f"{kind}_per_class_f1.png", title=f"{kind} per-class F1"))
         evaluation.write_predictions_csv(plots_dir / f"{kind}_predictions.csv", y_true, y_pred, classes)
     history_file = model_dir / "history.json"
     if history_file.is_file() and read_json(history_file):
         history = read_json(history_file)
         evaluation.write_history_csv(history, plots_dir / f"{kind}_history.csv")
-        figures.append(evaluation.save_training_curves(history, plots_dir / f"{kind}_curves.png", title=kind))
+        figures.append(visualise.save_training_curves(history, plots_dir / f"{kind}_curves.png", title=kind))
 
     with tracking.reopen_run(settings, model_dir):
         mlflow.log_metrics(evaluation.flatten_metrics(metrics, "test"))

@@ -14,29 +14,26 @@ listing's own town/county; the number with the true category stays as
 `median_abs_error_true_category`, and `median_abs_error_no_location` is what a request
 without a location gets.
 
-Plots are drawn on a bare `matplotlib.figure.Figure` (the Agg renderer, no pyplot):
-no global backend is switched, nothing needs a display, and concurrent flows in
-one process do not share pyplot's current-figure state. Every file is written to a
-temporary sibling first and moved into place, so DVC never tracks half a PNG.
+The PNG figures (confusion matrix, per-class bars, training curves) are drawn by
+`pipeline_steps/visualise.py`; this module writes the numbers and the plot data
+(`dvc plots` CSVs). Every file is written to a temporary sibling first and moved into
+place, so DVC never tracks half a file.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, r2_score
+from sklearn.metrics import f1_score, precision_recall_fscore_support, r2_score
 
 from pipeline_steps.errors import PipelineError
-from pipeline_steps.io_utils import atomic_path, read_json, write_csv, write_json
+from pipeline_steps.io_utils import read_json, write_csv, write_json
 from pipeline_steps.promotion import CATEGORY_MODEL_KEY, MODEL_RUN_KEY, SPLIT_HASH_KEY, split_hash  # noqa: F401  (what evaluate writes)
 
 HISTORY_COLUMNS: tuple[str, ...] = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
@@ -54,7 +51,7 @@ category the text classifier predicts (service/engine.py), so the price model is
 # --------------------------------------------------------------------------- metrics
 
 
-def _as_indices(y: Sequence[Any] | np.ndarray, classes: Sequence[str]) -> np.ndarray:
+def label_codes(y: Sequence[Any] | np.ndarray, classes: Sequence[str]) -> np.ndarray:
     """Accept labels as int codes or class names; return int codes.
 
     Callers hold either the `label` column (ints) or `category` (names); accepting both
@@ -107,7 +104,7 @@ def classification_metrics(
     """
     classes = list(classes)
     n_classes = len(classes)
-    y = _as_indices(y_true, classes)
+    y = label_codes(y_true, classes)
     p = _normalise_proba(proba, n_classes)
     if len(y) != p.shape[0]:
         raise ValueError(f"y_true has {len(y)} rows but proba has {p.shape[0]}")
@@ -260,136 +257,9 @@ def write_predictions_csv(
     classes = list(classes)
     names = np.asarray(classes, dtype=object)
     frame = pd.DataFrame(
-        {"actual": names[_as_indices(y_true, classes)], "predicted": names[_as_indices(y_pred, classes)]}
+        {"actual": names[label_codes(y_true, classes)], "predicted": names[label_codes(y_pred, classes)]}
     )
     return write_csv(frame, path)
-
-
-# --------------------------------------------------------------------------- PNG plots
-
-
-def _save_figure(figure: Figure, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    return Path(path)
-
-
-def _wrap(label: str, width: int = 18) -> str:
-    return textwrap.fill(str(label), width=width, break_long_words=False) or str(label)
-
-
-def save_confusion_matrix(
-    y_true: Sequence[Any] | np.ndarray,
-    y_pred: Sequence[Any] | np.ndarray,
-    classes: Sequence[str],
-    path: str | Path,
-    normalize: bool = True,
-    title: str | None = None,
-) -> Path:
-    """Draw the confusion matrix as a PNG (rows: true class, columns: predicted class).
-
-    `normalize=True` divides each row by its support, so the diagonal reads as per-class
-    recall and small classes are as visible as large ones; rows with no samples stay 0.
-    Long class names ("Phones, Mobile Phones & Telecoms") are wrapped and the figure grows
-    with the number of classes so 13 labels stay readable.
-    """
-    classes = list(classes)
-    n = len(classes)
-    y = _as_indices(y_true, classes)
-    yp = _as_indices(y_pred, classes)
-    counts = confusion_matrix(y, yp, labels=list(range(n)))
-    if normalize:
-        totals = counts.sum(axis=1, keepdims=True).astype(float)
-        values = np.divide(counts, totals, out=np.zeros_like(counts, dtype=float), where=totals > 0)
-    else:
-        values = counts.astype(float)
-
-    side = max(5.0, 0.8 * n + 3.0)
-    figure = Figure(figsize=(side + 1.5, side))
-    ax = figure.add_subplot()
-    image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else max(values.max(), 1.0))
-    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    labels = [_wrap(c) for c in classes]
-    ax.set_xticks(range(n), labels=labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
-    ax.set_yticks(range(n), labels=labels, fontsize=8)
-    ax.set_xlabel("Predicted")
-    ax.set_ylabel("True")
-    accuracy = float(np.trace(counts) / counts.sum()) if counts.sum() else float("nan")
-    ax.set_title(title or f"Confusion matrix ({'row-normalised' if normalize else 'counts'}), "
-                          f"n={int(counts.sum())}, accuracy={accuracy:.3f}")
-    threshold = values.max() / 2.0 if values.size else 0.0
-    fontsize = 7 if n > 8 else 9
-    for i in range(n):
-        for j in range(n):
-            value = values[i, j]
-            if value == 0:
-                continue
-            text = f"{value:.2f}" if normalize else f"{int(value)}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize,
-                    color="white" if value > threshold else "black")
-    return _save_figure(figure, path)
-
-
-def save_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path:
-    """Plot loss and accuracy per epoch for train and val as a two-panel PNG.
-
-    Reads the standard history keys (`train_loss`, `val_loss`, `train_accuracy`,
-    `val_accuracy`; `epoch` defaults to 1, 2, ...); keys a model does not log are skipped,
-    so a one-entry history from a scikit-learn baseline still gives a (dotted) plot.
-    """
-    if not history:
-        raise ValueError("history is empty: nothing to plot")
-    epochs = [row.get("epoch", i + 1) for i, row in enumerate(history)]
-    figure = Figure(figsize=(11, 4.2))
-    axes = figure.subplots(1, 2)
-    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        drawn = False
-        for split, style in (("train", "-o"), ("val", "--s")):
-            key = f"{split}_{metric}"
-            points = [(e, row.get(key)) for e, row in zip(epochs, history, strict=True)]
-            points = [(e, float(v)) for e, v in points if v is not None and math.isfinite(float(v))]
-            if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, style, markersize=3, label=split)
-                drawn = True
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, f"no {metric} logged", ha="center", va="center", transform=ax.transAxes)
-    if title:
-        figure.suptitle(title)
-    return _save_figure(figure, path)
-
-
-def save_per_class_bar(metrics: Mapping[str, Any], path: str | Path, metric: str = "f1",
-                       title: str | None = None) -> Path:
-    """Horizontal bars of one per-class metric (from `classification_metrics`), worst at the top.
-
-    Shows at a glance which categories a model confuses, which the averages hide.
-    """
-    per_class = metrics.get("per_class")
-    if not per_class:
-        raise ValueError("metrics has no 'per_class' entry (use classification_metrics output)")
-    items = sorted(per_class.items(), key=lambda kv: kv[1].get(metric, 0.0), reverse=True)
-    names = [_wrap(name, 30) for name, _ in items]
-    values = [float(v.get(metric, 0.0)) for _, v in items]
-    supports = [int(v.get("support", 0)) for _, v in items]
-    figure = Figure(figsize=(8, max(3.0, 0.45 * len(items) + 1.2)))
-    ax = figure.add_subplot()
-    bars = ax.barh(range(len(items)), values, color="tab:blue")
-    ax.set_yticks(range(len(items)), labels=names, fontsize=8)
-    ax.set_xlim(0, 1.08)
-    ax.set_xlabel(metric)
-    for bar, value, support in zip(bars, values, supports, strict=True):
-        ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2, f"{value:.2f} (n={support})",
-                va="center", fontsize=7)
-    ax.set_title(title or f"Per-class {metric}")
-    ax.grid(axis="x", alpha=0.3)
-    return _save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------- scoring a trained model directory

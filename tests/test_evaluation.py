@@ -1,4 +1,4 @@
-"""Metrics on small hand-computed examples, and plots/metric files written atomically."""
+"""Metrics on small hand-computed examples, and plots/metric files written atomically (the PNGs by pipeline_steps/visualise.py)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,12 @@ from pipeline_steps.evaluation import (
     classification_metrics,
     flatten_metrics,
     regression_metrics,
-    save_confusion_matrix,
-    save_per_class_bar,
-    save_training_curves,
     write_history_csv,
     write_metrics_json,
     write_plot_csv,
     write_predictions_csv,
 )
+from pipeline_steps.visualise import save_confusion_matrix, save_per_class_bar, save_training_curves
 
 CLASSES4 = ["Appliances", "Home & Garden", "Phones, Mobile Phones & Telecoms", "Other Goods"]
 Y_TRUE = np.array([0, 1, 2, 2, 3])
