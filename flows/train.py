@@ -79,7 +79,7 @@ def train_sklearn_task(kind: str, settings: dict[str, Any]) -> list[str]:
     for name, train_fn in jobs.items():
         out_dir = models_dir / name
         with tracking.training_run(settings, name, section) as run:
-            train_fn(clean_dir, section, out_dir)
+            train_fn(clean_dir, settings, out_dir)  # train.baselines + train.seed
             tracking.remember_run(out_dir, run.info.run_id)
         written.append(str(out_dir))
     return written
