@@ -9,6 +9,7 @@ serving bundle are built from the champions.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Iterator
@@ -65,12 +66,43 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
 def test_every_model_is_registered_with_metrics_and_a_champion(pipeline_run: tuple[Path, list[str]]) -> None:
     work, _ = pipeline_run
     client = MlflowClient()
+    products = pd.read_parquet(work / "clean" / "products.parquet")
+    images = pd.read_parquet(work / "clean" / "images.parquet")
     for kind, name in NAMES.items():
         champion = client.get_model_version_by_alias(name, "champion")
         assert champion.tags.get("run_id"), kind
         metric = "median_abs_error" if kind == "price" else "accuracy"
-        assert float(champion.tags[f"metric.{metric}"]) >= 0
+        value = float(champion.tags[f"metric.{metric}"])
+        assert value >= 0
         assert (work / "metrics" / f"{kind}.json").is_file()
+        # the registered number is the evaluate stage's, on the same test rows
+        scored = json.loads((work / "metrics" / f"{kind}.json").read_text())
+        assert value == pytest.approx(scored[metric]), kind
+        assert champion.tags["test_split_hash"] == scored["test_split_hash"], kind
+        if kind == "price":
+            assert value > 0 and scored["n"] >= 1
+            continue
+        # classifiers are scored per product or per photo: every test row of that unit counts
+        rows = products if scored["unit"] == "product" else images
+        test_rows = rows[rows["split"] == "test"].reset_index(drop=True)
+        assert scored["n"] == len(test_rows), kind
+        assert value <= scored["top3_accuracy"] <= 1.0, kind
+        if kind in ("text", "multimodal", "text-baseline"):
+            # the text carries the category on the sample: better than always answering the most frequent class
+            majority = float(test_rows["label"].value_counts(normalize=True).max())
+            assert value > majority, f"{kind}: accuracy {value:.3f} is not above the majority class's {majority:.3f}"
+        if kind != "multimodal":  # (multimodal pools a product's photos: not one pyfunc row per scored row)
+            # and it is what the registered model itself scores: models:/<name>@champion on the test rows
+            model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+            if scored["unit"] == "product":
+                frame = pd.DataFrame({"text": test_rows["text"], "image": [None] * len(test_rows)})
+            else:
+                photos = [base64.b64encode((work / "clean" / path).read_bytes()).decode() for path in test_rows["path"]]
+                frame = pd.DataFrame({"text": [None] * len(test_rows), "image": photos})
+            labels = json.loads((work / "clean" / "labels.json").read_text())["classes"]
+            predicted = model.predict(frame)["category"].map(labels.index).to_numpy()
+            reproduced = float((predicted == test_rows["label"].to_numpy()).mean())
+            assert reproduced == pytest.approx(value, abs=1e-9), f"{kind}: registered {value:.4f}, champion scores {reproduced:.4f}"
     summary = json.loads((work / "artifacts" / "registry.json").read_text())
     assert set(summary) == set(NAMES)
 
