@@ -25,6 +25,7 @@ RUNNER_ENV = "MARKETPLACE_STAGE_RUNNER"
 #: Modules that are never handed over (the wrappers that start the runner, the runner itself).
 NOT_STAGES = frozenset({"flows.prefect_server", "flows.stage_runner", "flows.deploy", "flows.deployments"})
 MAX_MESSAGE = 1 << 20
+REPLY_TIMEOUT_S = 900.0
 
 
 def requested_stage(orig_argv: list[str] | None = None) -> tuple[str, list[str]] | None:
@@ -73,10 +74,19 @@ def hand_over_if_served() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         socket.send_fds(sock, [json.dumps(header).encode()], [0, 1, 2])
-        reply = json.loads(sock.recv(MAX_MESSAGE) or b"{}")
-    except (OSError, ValueError) as error:
+    except OSError as error:  # no runner there (yet, or any more): nothing was started
         _note(f"stage runner at {path} not usable ({error}); running the stage in this process")
         return
+    # The answer comes once the runner has imported the stage's module (seconds, what this
+    # process would have spent on it). No fallback after this point: the runner may already
+    # have started the stage, which must not run twice.
+    sock.settimeout(REPLY_TIMEOUT_S)
+    try:
+        reply = json.loads(sock.recv(MAX_MESSAGE) or b'{"refused": "the runner closed the connection"}')
+    except (OSError, ValueError) as error:
+        print(f"error: the stage runner at {path} did not answer ({error}); "
+              f"run again, or with {RUNNER_ENV}=off", file=sys.stderr)
+        sys.exit(70)
     if "pid" not in reply:
         _note(f"stage runner refused: {reply.get('refused', 'no answer')}; running the stage in this process")
         sock.close()

@@ -3,9 +3,11 @@
 Every DVC stage is a fresh `python -m flows.<stage>` process, and on two busy cores its
 imports (Prefect, torch, MLflow, great-expectations, FAISS) took 4-14 s per stage, most of
 the orchestration overhead of the demo (BENCHMARKS.md, "Orchestration overhead"). The
-runner imports every stage module once, then forks a copy of itself per stage: the copy
+runner imports every stage module once and forks a copy of itself per stage: the copy
 runs the stage exactly as `python -m` would (runpy, same arguments, working directory and
 environment, the caller's stdin/stdout/stderr), and its exit code goes back to the caller.
+It answers from its start and imports the stage modules between requests (a request's own
+module first), so the imports overlap the Prefect server's start and the first stages.
 
     python -m flows.stage_runner --socket /tmp/x/runner.sock   # flows.prefect_server starts it
 
@@ -30,6 +32,7 @@ import json
 import logging
 import os
 import runpy
+import select
 import signal
 import socket
 import sys
@@ -68,7 +71,7 @@ def refusal(header: Mapping[str, object], served: Sequence[str], cwd: str, envir
 
     Args:
         header: the client's request (module, cwd, env, executable, package).
-        served: the modules this runner imported.
+        served: the modules this runner serves.
         cwd: the runner's working directory.
         environ: the runner's environment before it imported the stages (imports add to it).
     """
@@ -90,19 +93,44 @@ def refusal(header: Mapping[str, object], served: Sequence[str], cwd: str, envir
     return None
 
 
-def preload(modules: Sequence[str]) -> list[str]:
-    """Import the stage modules; returns those that imported (a broken one runs uncached)."""
-    loaded = []
-    for name in modules:
+class StageImports:
+    """The stage modules, imported one at a time between requests (a request's own module first).
+
+    The runner answers from the start: a stage asked for before its module is imported waits
+    for that import (what its own process would have spent anyway), and the imports of the
+    later stages go on while the early ones run.
+    """
+
+    def __init__(self, modules: Sequence[str]) -> None:
+        self.served = tuple(modules)
+        self.pending = list(modules)
+        self.failed: dict[str, str] = {}
+
+    def import_next(self) -> None:
+        if self.pending:
+            self._import(self.pending.pop(0))
+
+    def ready(self, module: str) -> str | None:
+        """Import `module` if needed; None when it can be forked, else why not."""
+        if module in self.pending:
+            self.pending.remove(module)
+            self._import(module)
+        if module in self.failed:
+            return f"{module} did not import in the runner ({self.failed[module]})"
+        extra = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+        if extra:  # a fork copies only this thread: a lock another one holds would stay held
+            return f"the runner's imports started threads ({', '.join(extra)}); forking it is not safe"
+        return None
+
+    def _import(self, name: str) -> None:
+        started = time.monotonic()
         try:
             importlib.import_module(name)
-            loaded.append(name)
-        except Exception as error:  # noqa: BLE001 - the stage itself will report it when run
-            print(f"stage-runner: {name} not preloaded ({type(error).__name__}: {error})", file=sys.stderr)
-    extra = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-    if extra:  # a fork copies only this thread: a lock held by another would stay held
-        raise RuntimeError(f"importing the stages started threads ({', '.join(extra)}); the runner cannot fork safely")
-    return loaded
+        except Exception as error:  # noqa: BLE001 - the stage itself will report it when run in place
+            self.failed[name] = f"{type(error).__name__}: {error}"
+            print(f"stage-runner: {name} not imported ({self.failed[name]})", file=sys.stderr, flush=True)
+            return
+        print(f"stage-runner: imported {name} in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
 
 
 def run_stage(header: Mapping[str, object], fds: Sequence[int], added_env: Mapping[str, str]) -> None:
@@ -175,11 +203,9 @@ def supervise(conn: socket.socket, header: Mapping[str, object], fds: Sequence[i
 
 
 def serve(socket_path: Path, modules: Sequence[str] = STAGE_MODULES) -> int:
-    """Preload the stages, then run each request in a fork until SIGTERM/SIGINT."""
-    started = time.monotonic()
+    """Answer requests at once; import the stage modules between them; run each request in a fork."""
     before = dict(os.environ)
-    served = preload(modules)
-    added_env = {key: value for key, value in os.environ.items() if key not in before}
+    imports = StageImports(modules)
     cwd = os.getcwd()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with contextlib.suppress(FileNotFoundError):
@@ -187,7 +213,6 @@ def serve(socket_path: Path, modules: Sequence[str] = STAGE_MODULES) -> int:
     server.bind(str(socket_path))
     socket_path.chmod(0o600)
     server.listen(16)
-    server.settimeout(0.5)
     stopping: list[int] = []
 
     def stop(signum: int, _frame: object) -> None:
@@ -195,18 +220,16 @@ def serve(socket_path: Path, modules: Sequence[str] = STAGE_MODULES) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"{READY_LINE} (pid {os.getpid()}, {len(served)} stage modules imported in {time.monotonic() - started:.1f} s)",
-          file=sys.stderr, flush=True)
+    print(f"{READY_LINE} (pid {os.getpid()}; importing {len(modules)} stage modules between requests)", file=sys.stderr, flush=True)
     try:
         while not stopping:
             _reap()
-            try:
-                conn, _ = server.accept()
-            except (TimeoutError, socket.timeout):
+            waiting, _, _ = select.select([server], [], [], 0 if imports.pending else 0.5)
+            if not waiting:
+                imports.import_next()
                 continue
-            except InterruptedError:  # pragma: no cover
-                continue
-            _handle(conn, served, cwd, server, before, added_env)
+            conn, _ = server.accept()
+            _handle(conn, imports, cwd, server, before)
     finally:
         server.close()
         with contextlib.suppress(FileNotFoundError):
@@ -214,18 +237,20 @@ def serve(socket_path: Path, modules: Sequence[str] = STAGE_MODULES) -> int:
     return 0
 
 
-def _handle(conn: socket.socket, served: Sequence[str], cwd: str, listener: socket.socket,
-            environ: Mapping[str, str], added_env: Mapping[str, str]) -> None:
+def _handle(conn: socket.socket, imports: StageImports, cwd: str, listener: socket.socket, environ: Mapping[str, str]) -> None:
     fds: list[int] = []
     try:
         conn.settimeout(10)
         message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 3)
         header = json.loads(message)
-        reason = refusal(header, served, cwd, environ) if len(fds) == 3 else "expected stdin, stdout and stderr"
+        reason = refusal(header, imports.served, cwd, environ) if len(fds) == 3 else "expected stdin, stdout and stderr"
+        reason = reason or imports.ready(str(header["module"]))
         if reason:
             print(f"stage-runner: refused {header.get('module')}: {reason}", file=sys.stderr, flush=True)
             conn.send(json.dumps({"refused": reason}).encode())
             return
+        # what the imports so far added to the environment (torch sets TORCHINDUCTOR_CACHE_DIR, ...)
+        added_env = {key: value for key, value in os.environ.items() if key not in environ}
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         if os.fork() == 0:
