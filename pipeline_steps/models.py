@@ -953,16 +953,18 @@ class MultimodalClassifier(nn.Module):
         self.image_pooling = image_pooling
         self.image_input = require_choice(image_input, "train.multimodal.image_input", IMAGE_INPUTS)
         self.embedding_dim = fusion.embedding_dim
-        # Photo calibration (`train.multimodal.photo_calibration: val`): logits += w * log P_image + b for a
+        # Photo calibration (`train.multimodal.photo_calibration: val`): logits = s * logits + w * log P_image + b for a
         # product with a photo, w and b per class fitted on the val split after the fusion head trained
         # (the towers fit the train split perfectly, so a photo weight learned there stays ~0). Zeros = off.
         n_classes = fusion.classifier.out_features
         self.register_buffer("photo_weight", torch.zeros(n_classes))
         self.register_buffer("photo_bias", torch.zeros(n_classes))
+        self.register_buffer("photo_scale", torch.ones(1))  # s: the fused logits' scale for a product with a photo
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
-        for name in ("photo_weight", "photo_bias"):  # a model saved before photo calibration: off
-            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        for name in ("photo_weight", "photo_bias", "photo_scale"):  # a model saved before photo calibration: off
+            default = torch.ones_like(self.photo_scale) if name == "photo_scale" else torch.zeros_like(getattr(self, name))
+            state_dict.setdefault(prefix + name, default)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def photo_log_proba(self, image_emb: torch.Tensor) -> torch.Tensor:
@@ -972,13 +974,15 @@ class MultimodalClassifier(nn.Module):
         logits = tower.classifier(image_emb.float()) if self.image_input == "head" else tower.head_logits(image_emb.float())
         return torch.log_softmax(logits.float(), dim=1)
 
-    def photo_term(self, image_emb: torch.Tensor, image_present: torch.Tensor) -> torch.Tensor:
-        term = self.photo_log_proba(image_emb) * self.photo_weight + self.photo_bias
-        return torch.where(image_present[:, None], term, torch.zeros_like(term))
+    def calibrate(self, logits: torch.Tensor, image_emb: torch.Tensor, image_present: torch.Tensor) -> torch.Tensor:
+        if not self.photo_calibrated:
+            return logits
+        calibrated = logits * self.photo_scale + self.photo_log_proba(image_emb) * self.photo_weight + self.photo_bias
+        return torch.where(image_present[:, None], calibrated, logits)
 
     @property
     def photo_calibrated(self) -> bool:
-        return bool(self.photo_weight.abs().sum() > 0 or self.photo_bias.abs().sum() > 0)
+        return bool(self.photo_weight.abs().sum() > 0 or self.photo_bias.abs().sum() > 0 or (self.photo_scale != 1).any())
 
     @property
     def image_dim(self) -> int:
@@ -1016,16 +1020,13 @@ class MultimodalClassifier(nn.Module):
 
     def forward(self, pixels, image_owner, input_ids, attention_mask, text_present, **wide_inputs) -> torch.Tensor:  # noqa: ANN001, ANN003
         towers = self.tower_embeddings(pixels, image_owner, input_ids, attention_mask, text_present)
-        logits = self.fusion(*towers, self.wide, **wide_inputs)
-        return logits + self.photo_term(towers[0], towers[1]) if self.photo_calibrated else logits
+        return self.calibrate(self.fusion(*towers, self.wide, **wide_inputs), towers[0], towers[1])
 
     def logits_and_embedding(self, pixels, image_owner, input_ids, attention_mask, text_present, image_features=None, **wide_inputs) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001, ANN003
         """(logits, fused embedding) in one pass (inference: eval mode, no modality dropout)."""
         towers = self.tower_embeddings(pixels, image_owner, input_ids, attention_mask, text_present, image_features)
         logits, embedding = self.fusion.logits_and_embedding(*towers, self.wide, **wide_inputs)
-        if self.photo_calibrated:
-            logits = logits + self.photo_term(towers[0], towers[1])
-        return logits, embedding
+        return self.calibrate(logits, towers[0], towers[1]), embedding
 
 
 class FusionWithWide(nn.Module):

@@ -1129,19 +1129,20 @@ def fit_photo_calibration(
     model: models.MultimodalClassifier, trained: nn.Module, val_set: Dataset, l2: float = 1e-2, steps: int = 200
 ) -> dict[str, Any]:
     """Fit the multimodal model's photo term (`photo_weight` w, `photo_bias` b per class) on the val split:
-    logits = fusion logits + w * log P_image(pooled photos) + b for products with a photo (a stacker on
+    logits = s * fusion logits + w * log P_image(pooled photos) + b for products with a photo (a stacker on
     outputs the towers did not train on; L2 on w and b). Writes w and b into `model`; returns a summary."""
     base, photo, present, labels = _val_outputs(model, trained, val_set)
     n_classes = base.shape[1]
     weight = torch.zeros(n_classes, requires_grad=True)
     bias = torch.zeros(n_classes, requires_grad=True)
+    log_scale = torch.zeros(1, requires_grad=True)  # the fused logits' temperature (products with a photo)
     rows = present
-    optimizer = torch.optim.LBFGS([weight, bias], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([weight, bias, log_scale], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        logits = base[rows] + photo[rows] * weight + bias
-        loss = F.cross_entropy(logits, labels[rows]) + l2 * (weight.square().sum() + bias.square().sum())
+        logits = base[rows] * log_scale.exp() + photo[rows] * weight + bias
+        loss = F.cross_entropy(logits, labels[rows]) + l2 * (weight.square().sum() + bias.square().sum() + log_scale.square().sum())
         loss.backward()
         return loss
 
@@ -1150,14 +1151,17 @@ def fit_photo_calibration(
     with torch.no_grad():
         model.photo_weight.copy_(weight.detach())
         model.photo_bias.copy_(bias.detach())
+        model.photo_scale.copy_(log_scale.detach().exp())
         before = (base.argmax(1) == labels).float().mean().item()
-        after_logits = base + torch.where(present[:, None], photo * weight + bias, torch.zeros_like(base))
+        scaled = base * log_scale.exp()
+        after_logits = torch.where(present[:, None], scaled + photo * weight + bias, base)
         after = (after_logits.argmax(1) == labels).float().mean().item()
     return {
         "mode": "val",
         "fitted_on": int(rows.sum()),
         "l2": l2,
         "mean_weight": round(float(weight.detach().mean()), 4),
+        "fused_scale": round(float(log_scale.detach().exp()), 4),
         "val_accuracy_before": round(before, 4),
         "val_accuracy_after": round(after, 4),
     }

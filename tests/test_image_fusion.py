@@ -50,7 +50,7 @@ def test_photo_calibration_is_fitted_on_val_saved_and_leaves_the_no_photo_path_a
     assert np.allclose(calibrated.sum(axis=1), 1, atol=1e-5)
 
     # a model saved before photo calibration existed (no photo_* keys) loads with the term off
-    state = {k: v for k, v in torch.load(models_dir / "multimodal" / "model.pt", weights_only=True).items() if not k.startswith("photo_")}
+    state = {k: v for k, v in torch.load(models_dir / "multimodal" / "model.pt", weights_only=True).items() if not k.startswith("photo_")}  # weight, bias, scale
     module.load_state_dict(state)
     assert not module.photo_calibrated
     plain = classifier.predict_proba([photo, None], ["a red bike", "a red bike"])
