@@ -17,17 +17,11 @@ from flows import tracking
 from flows.common import base_parser, load_params, path_of, run_cli
 from pipeline_steps import evaluation, visualise
 from pipeline_steps.config import existing_dir, require_choice
-from pipeline_steps.evaluation import (
-    CATEGORY_MODEL_KEY,
-    CLASSIFIER_KINDS,
-    MODEL_RUN_KEY,
-    PRICE_CATEGORY_KIND,
-    SKLEARN_KINDS,
-    SPLIT_HASH_KEY,
-)
+from pipeline_steps.evaluation import CATEGORY_MODEL_KEY, MODEL_RUN_KEY, SPLIT_HASH_KEY
 from pipeline_steps.io_utils import read_json
+from pipeline_steps.model_kinds import ALL_KINDS, PRICE_CATEGORY_KIND
 
-MODELS = (*SKLEARN_KINDS, *CLASSIFIER_KINDS)
+MODELS = ALL_KINDS
 
 
 @task(name="evaluate-model")

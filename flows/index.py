@@ -25,10 +25,10 @@ from pipeline_steps.embeddings import CacheKey, EmbeddingStore
 from pipeline_steps.evaluation import write_metrics_json
 from pipeline_steps.index import IndexSettings, SimilarityIndex
 from pipeline_steps.index_quality import index_quality_metrics
+from pipeline_steps.model_kinds import INDEX_KINDS, PRICE_KIND, SERVED_KINDS
 from pipeline_steps.visualise import neighbour_figure
 
-KINDS = ("image", "text", "multimodal", "price")
-INDEX_KINDS = ("image", "text", "multimodal")
+KINDS = SERVED_KINDS
 
 
 @task(name="build-index")
@@ -78,7 +78,7 @@ def index_flow(params: str | None = None, overrides: list[str] | None = None, ki
     settings = load_params(params, overrides or [])
     require_choice(kind, "--kind", ("all", *INDEX_KINDS))
     configured = [k for k in settings["index"]["kinds"] if kind in ("all", k)]
-    champions = {k: fetch_champion_task(k, settings) for k in KINDS if k in configured or k == "price"}
+    champions = {k: fetch_champion_task(k, settings) for k in KINDS if k in configured or k == PRICE_KIND}
     results = {k: index_task(k, champions[k], settings) for k in configured}
     results.update(ranking_step.ranking_task({k: champions[k] for k in configured}, settings, results))
     write_metrics_json(path_of(settings, "evaluate.metrics_dir") / "retrieval.json", results)

@@ -16,8 +16,7 @@ from flows.common import ROOT, base_parser, load_params, path_of, run_cli
 from pipeline_steps import packaging
 from pipeline_steps.config import existing_dir
 from pipeline_steps.io_utils import write_json
-
-MODEL_KINDS = ("image", "text", "multimodal", "price")
+from pipeline_steps.model_kinds import SERVED_KINDS as MODEL_KINDS
 
 
 @task(name="assemble-bundle")

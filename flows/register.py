@@ -21,12 +21,13 @@ from flows import tracking
 from flows.common import base_parser, load_params, path_of, run_cli
 from pipeline_steps import registry
 from pipeline_steps.config import existing_dir, require_choice
-from pipeline_steps.evaluation import CATEGORY_MODEL_KEY, CLASSIFIER_KINDS, PRICE_CATEGORY_KIND, SKLEARN_KINDS
+from pipeline_steps.evaluation import CATEGORY_MODEL_KEY
+from pipeline_steps.model_kinds import ALL_KINDS, PRICE_CATEGORY_KIND
 from pipeline_steps.io_utils import read_json, write_json
 from pipeline_steps.mlflow_models import log_model_dir
 from pipeline_steps.promotion import PromotionPolicy, checked_split_hash
 
-MODELS = (*SKLEARN_KINDS, *CLASSIFIER_KINDS)
+MODELS = ALL_KINDS
 
 
 @task(name="register-model-version")

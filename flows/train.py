@@ -16,13 +16,14 @@ from flows import tracking
 from flows.common import base_parser, load_params, path_of, run_cli
 from pipeline_steps import baselines
 from pipeline_steps.config import existing_dir, require_choice
+from pipeline_steps.model_kinds import BASELINE_KINDS, PRICE_KIND
+from pipeline_steps.model_kinds import NEURAL_KINDS as NEURAL
 
-NEURAL = ("image", "text", "multimodal")
-MODELS = ("baselines", "price", *NEURAL)
+MODELS = ("baselines", PRICE_KIND, *NEURAL)
 #: `--model` names that train several models in one process. The scikit-learn models share
 #: their inputs and settings, so one DVC stage (train_sklearn) trains them and pays the
 #: process start and imports once.
-GROUPS = {"all": MODELS, "sklearn": ("baselines", "price")}
+GROUPS = {"all": MODELS, "sklearn": ("baselines", PRICE_KIND)}
 
 
 def _shared_train_params(settings: dict[str, Any]) -> dict[str, Any]:
@@ -70,11 +71,12 @@ def train_sklearn_task(kind: str, settings: dict[str, Any]) -> list[str]:
     clean_dir = existing_dir(settings, "data.clean_dir")
     models_dir = path_of(settings, "train.models_dir")
     section = settings["train"]["baselines"]
-    jobs = (
-        {"price": baselines.train_price_estimator}
-        if kind == "price"
-        else {"text-baseline": baselines.train_text_baseline, "pixel-baseline": baselines.train_pixel_baseline}
-    )
+    trainers = {
+        "text-baseline": baselines.train_text_baseline,
+        "pixel-baseline": baselines.train_pixel_baseline,
+        PRICE_KIND: baselines.train_price_estimator,
+    }
+    jobs = {name: trainers[name] for name in ((PRICE_KIND,) if kind == PRICE_KIND else BASELINE_KINDS)}
     written = []
     for name, train_fn in jobs.items():
         out_dir = models_dir / name

@@ -34,6 +34,7 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support, r2_score
 
 from pipeline_steps.errors import PipelineError
 from pipeline_steps.io_utils import read_json, write_csv, write_json
+from pipeline_steps.model_kinds import CLASSIFIER_KINDS, PRICE_CATEGORY_KIND, SKLEARN_KINDS  # noqa: F401  (re-exported)
 from pipeline_steps.promotion import CATEGORY_MODEL_KEY, MODEL_RUN_KEY, SPLIT_HASH_KEY, split_hash  # noqa: F401  (what evaluate writes)
 
 HISTORY_COLUMNS: tuple[str, ...] = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
@@ -41,11 +42,6 @@ HISTORY_COLUMNS: tuple[str, ...] = ("epoch", "train_loss", "val_loss", "train_ac
 
 _PROBA_EPS = 1e-15
 
-CLASSIFIER_KINDS: tuple[str, ...] = ("image", "text", "multimodal")
-SKLEARN_KINDS: tuple[str, ...] = ("text-baseline", "pixel-baseline", "price")
-PRICE_CATEGORY_KIND = "text"
-"""The classifier served beside the price estimator: a `/predict` with text gets its price from the
-category the text classifier predicts (service/engine.py), so the price model is scored with it."""
 
 
 # --------------------------------------------------------------------------- metrics

@@ -46,6 +46,7 @@ import pandas as pd
 from pipeline_steps.config import get, require_choice
 from pipeline_steps.errors import ConfigError, DataValidationError, PipelineError
 from pipeline_steps.io_utils import atomic_dir, read_json, write_json
+from pipeline_steps.model_kinds import INDEX_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class IndexSettings:
             params = {"index": params}
         kinds = tuple(get(params, "index.kinds"))
         for kind in kinds:
-            require_choice(kind, "index.kinds", ["image", "text", "multimodal"])
+            require_choice(kind, "index.kinds", list(INDEX_KINDS))
         factory = get(params, "index.factory")
         if not isinstance(factory, str) or not factory.strip():
             raise ConfigError(f"params.yaml key 'index.factory' must be a faiss index_factory string, got {factory!r}")

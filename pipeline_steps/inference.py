@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 from pipeline_steps import datasets as ds
 from pipeline_steps import models
 from pipeline_steps.errors import PipelineError
+from pipeline_steps.model_kinds import CLASSIFIER_KINDS
 
-KINDS = ("image", "text", "multimodal")
+KINDS = CLASSIFIER_KINDS
 ImageInput = Image.Image | Sequence[Image.Image] | None
 
 

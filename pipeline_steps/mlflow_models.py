@@ -30,6 +30,7 @@ from mlflow.models.model import ModelInfo
 from PIL import Image
 
 from pipeline_steps.inference import Classifier, load_classifier, read_config
+from pipeline_steps.model_kinds import NEURAL_KINDS
 
 #: distributions the pyfunc imports when loaded (through pipeline_steps); pinned to the
 #: installed versions. Passing them explicitly also skips MLflow's slow requirement inference.
@@ -228,8 +229,6 @@ def log_sklearn_model_dir(model_dir: str | Path, name: str, **log_model_kwargs: 
         **log_model_kwargs,
     )
 
-
-NEURAL_KINDS = ("image", "text", "multimodal")
 
 
 def log_model_dir(kind: str, model_dir: str | Path, name: str = "model", **log_model_kwargs: Any) -> ModelInfo:

@@ -32,13 +32,12 @@ from PIL import Image
 
 from pipeline_steps.errors import PipelineError
 from pipeline_steps.io_utils import atomic_dir, read_json, write_json
+from pipeline_steps.model_kinds import INDEX_KINDS, SERVED_KINDS as MODEL_KINDS
 from pipeline_steps.runtime_env import OFFLINE_ENV
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT_VERSION = 1
-MODEL_KINDS = ("image", "text", "multimodal", "price")
-INDEX_KINDS = ("image", "text", "multimodal")
 LISTING_COLUMNS = ("product_id", "image_id", "product_name", "price", "location", "category")
 DEFAULT_THUMBNAIL_SIZE = 160
 THUMBNAIL_QUALITY = 80

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline_steps.errors import ConfigError, PipelineError
+from pipeline_steps.model_kinds import PRICE_KIND
 
 # Direction of every metric the evaluate stage writes (pipeline_steps/evaluation.py), by name.
 # A derived name (`median_abs_error_true_category`, `precision_at_10`) takes the direction of the
@@ -46,8 +47,6 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "baseline_mae": False,
     "baseline_median_abs_error": False,
 }
-
-PRICE_KIND = "price"
 
 
 class PromotionError(PipelineError):

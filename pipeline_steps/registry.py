@@ -41,9 +41,10 @@ from mlflow.exceptions import MlflowException
 from pipeline_steps.errors import ConfigError
 from pipeline_steps.faults import crash_point
 from pipeline_steps.io_utils import read_json
+from pipeline_steps.model_kinds import CLASSIFIER_KINDS, model_name  # noqa: F401  (re-exported: registry.<name>)
 from pipeline_steps.promotion import (  # noqa: F401  (re-exported: registry.<name>)
     CATEGORY_MODEL_KEY,
-    PRICE_KIND,
+    PRICE_KIND,  # from pipeline_steps.model_kinds
     PromotionDecision,
     PromotionPolicy,
     Standing,
@@ -70,8 +71,6 @@ from pipeline_steps.tracking import (  # noqa: F401  (re-exported: registry.<nam
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIER_KINDS = ("image", "text", "multimodal")
-BASELINE_BASES = ("image", "text", "multimodal", "price", "pixel")
 METRIC_TAG_PREFIX = "metric."
 RUN_ID_TAG = "run_id"
 SPLIT_HASH_TAG = "test_split_hash"
@@ -85,26 +84,6 @@ CATEGORY_MODEL_TAG = CATEGORY_MODEL_KEY
 
 def _client(client: MlflowClient | None) -> MlflowClient:
     return client if client is not None else MlflowClient()
-
-
-def model_name(prefix: str, kind: str) -> str:
-    """Registered model name for a model kind.
-
-    image|text|multimodal -> `<prefix>-<kind>-classifier`, price -> `<prefix>-price-estimator`,
-    baselines (`text_baseline`, `text-baseline`, `baseline_text`...) -> `<prefix>-text-baseline`.
-    """
-    normalised = kind.strip().lower().replace("_", "-").replace("/", "-")
-    if normalised in CLASSIFIER_KINDS:
-        return f"{prefix}-{normalised}-classifier"
-    if normalised == PRICE_KIND:
-        return f"{prefix}-{PRICE_KIND}-estimator"
-    parts = [part for part in normalised.split("-") if part not in ("baseline", "baselines")]
-    if normalised != "-".join(parts) and len(parts) == 1 and parts[0] in BASELINE_BASES:
-        return f"{prefix}-{parts[0]}-baseline"
-    accepted = list(CLASSIFIER_KINDS) + [PRICE_KIND] + [f"{base}_baseline" for base in BASELINE_BASES]
-    raise ConfigError(f"unknown model kind {kind!r}; accepted: {', '.join(accepted)}")
-
-
 
 
 def register_model_version(

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from pipeline_steps.errors import ConfigError
+from pipeline_steps.model_kinds import INDEX_KINDS
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -34,7 +35,6 @@ BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
              "resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenet_v3_small")
 AUGMENTATIONS = ("random_resized_crop", "horizontal_flip", "vertical_flip", "color_jitter",
                  "rotation", "grayscale", "trivial_augment", "random_erasing")
-INDEX_KINDS = ("image", "text", "multimodal")
 RANKING_FUSIONS = ("dense", "blend", "rrf")
 
 

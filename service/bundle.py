@@ -18,12 +18,11 @@ import pandas as pd
 
 from pipeline_steps.errors import PipelineError
 from pipeline_steps.io_utils import read_json
+from pipeline_steps.model_kinds import CLASSIFIER_KINDS, PRICE_KIND
 from service.responses import json_scalar
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIER_KINDS = ("image", "text", "multimodal")
-PRICE_KIND = "price"
 
 
 class BundleLoadError(PipelineError):

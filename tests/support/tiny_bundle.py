@@ -25,6 +25,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline_steps.config import PROJECT_ROOT, load_params
+from pipeline_steps.model_kinds import INDEX_KINDS, SERVED_KINDS, model_name
 
 MODEL_VERSION = "1"
 
@@ -118,7 +119,7 @@ def tiny_train_params(workdir: Path, params: Mapping[str, Any] | None = None) ->
 
 
 def _model_name(kind: str) -> str:
-    return f"marketplace-{kind}-classifier" if kind != "price" else "marketplace-price-estimator"
+    return model_name("marketplace", kind)
 
 
 def build_tiny_bundle(workdir: str | Path, progress: bool = False) -> Path:
@@ -146,7 +147,7 @@ def build_tiny_bundle(workdir: str | Path, progress: bool = False) -> Path:
 
     index_dirs: dict[str, Path] = {}
     ranking_inputs: dict[str, Any] = {}
-    for kind in ("image", "text", "multimodal"):
+    for kind in INDEX_KINDS:
         classifier = load_classifier(models_dir / kind, device="cpu")
         split = predict_split(classifier, clean_dir, None, progress=progress)
         ids = split.ids[["product_id", "image_id"]].reset_index(drop=True)
@@ -168,7 +169,7 @@ def build_tiny_bundle(workdir: str | Path, progress: bool = False) -> Path:
     )
 
     model_dirs = {
-        kind: (models_dir / kind, _model_name(kind), MODEL_VERSION) for kind in ("image", "text", "multimodal", "price")
+        kind: (models_dir / kind, _model_name(kind), MODEL_VERSION) for kind in SERVED_KINDS
     }
     return assemble_bundle(workdir / "bundle", model_dirs, index_dirs, clean_dir)
 
