@@ -1125,45 +1125,74 @@ def _val_outputs(model: models.MultimodalClassifier, trained: nn.Module, val_set
     return torch.cat(base), torch.cat(photo), torch.cat(present), torch.cat(labels)
 
 
-def fit_photo_calibration(
-    model: models.MultimodalClassifier, trained: nn.Module, val_set: Dataset, l2: float = 1e-2, steps: int = 200
-) -> dict[str, Any]:
-    """Fit the multimodal model's photo term (`photo_weight` w, `photo_bias` b per class) on the val split:
-    logits = s * fusion logits + w * log P_image(pooled photos) + b for products with a photo (a stacker on
-    outputs the towers did not train on; L2 on w and b). Writes w and b into `model`; returns a summary."""
-    base, photo, present, labels = _val_outputs(model, trained, val_set)
+def _fit_calibration(
+    base: torch.Tensor, photo: torch.Tensor, labels: torch.Tensor, l2: float, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w, b, log s) minimising cross-entropy of s * base + w * photo + b (+ l2 on all three) by L-BFGS."""
     n_classes = base.shape[1]
     weight = torch.zeros(n_classes, requires_grad=True)
     bias = torch.zeros(n_classes, requires_grad=True)
-    log_scale = torch.zeros(1, requires_grad=True)  # the fused logits' temperature (products with a photo)
-    rows = present
+    log_scale = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias, log_scale], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        logits = base[rows] * log_scale.exp() + photo[rows] * weight + bias
-        loss = F.cross_entropy(logits, labels[rows]) + l2 * (weight.square().sum() + bias.square().sum() + log_scale.square().sum())
+        logits = base * log_scale.exp() + photo * weight + bias
+        loss = F.cross_entropy(logits, labels) + l2 * (weight.square().sum() + bias.square().sum() + log_scale.square().sum())
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
+    return weight.detach(), bias.detach(), log_scale.detach()
+
+
+PHOTO_CALIBRATION_L2 = (1e-1, 1e-2, 1e-3, 1e-4)
+
+
+def fit_photo_calibration(
+    model: models.MultimodalClassifier, trained: nn.Module, val_set: Dataset, steps: int = 200, folds: int = 2, seed: int = 0
+) -> dict[str, Any]:
+    """Fit the multimodal model's photo term on the val split: for a product with a photo,
+    logits = s * fusion logits + w * log P_image(pooled photos) + b (w, b per class, s a scalar): a stacker
+    on outputs the towers did not train on. The L2 strength is chosen by `folds`-fold cross-validation
+    inside val (lowest held-out cross-entropy), then w, b, s are refitted on all of val and written into
+    `model`. The summary's `val_cv_accuracy_*` are honest (each product scored by a fit that did not see it)."""
+    base, photo, present, labels = _val_outputs(model, trained, val_set)
+    rows = torch.nonzero(present).squeeze(1)
+    fold = torch.from_numpy(np.random.default_rng(seed).integers(0, folds, len(rows)))
+    cv: dict[float, tuple[float, int]] = {}
+    for l2 in PHOTO_CALIBRATION_L2:
+        loss, correct = 0.0, 0
+        for f in range(folds):
+            fit_rows, held = rows[fold != f], rows[fold == f]
+            w, b, log_s = _fit_calibration(base[fit_rows], photo[fit_rows], labels[fit_rows], l2, steps)
+            logits = base[held] * log_s.exp() + photo[held] * w + b
+            loss += float(F.cross_entropy(logits, labels[held], reduction="sum"))
+            correct += int((logits.argmax(1) == labels[held]).sum())
+        cv[l2] = (loss / max(len(rows), 1), correct)
+    best = min(cv, key=lambda key: cv[key][0])
+    weight, bias, log_scale = _fit_calibration(base[rows], photo[rows], labels[rows], best, steps)
     with torch.no_grad():
-        model.photo_weight.copy_(weight.detach())
-        model.photo_bias.copy_(bias.detach())
-        model.photo_scale.copy_(log_scale.detach().exp())
-        before = (base.argmax(1) == labels).float().mean().item()
-        scaled = base * log_scale.exp()
-        after_logits = torch.where(present[:, None], scaled + photo * weight + bias, base)
-        after = (after_logits.argmax(1) == labels).float().mean().item()
+        model.photo_weight.copy_(weight)
+        model.photo_bias.copy_(bias)
+        model.photo_scale.copy_(log_scale.exp())
+        base_correct = int((base.argmax(1) == labels).sum())
+        no_photo_correct = int((base[~present].argmax(1) == labels[~present]).sum())
+        after_logits = torch.where(present[:, None], base * log_scale.exp() + photo * weight + bias, base)
+        after = float((after_logits.argmax(1) == labels).float().mean())
+    n = max(len(labels), 1)
     return {
         "mode": "val",
-        "fitted_on": int(rows.sum()),
-        "l2": l2,
-        "mean_weight": round(float(weight.detach().mean()), 4),
-        "fused_scale": round(float(log_scale.detach().exp()), 4),
-        "val_accuracy_before": round(before, 4),
-        "val_accuracy_after": round(after, 4),
+        "fitted_on": int(len(rows)),
+        "l2": best,
+        "cv_folds": folds,
+        "cv_loss_by_l2": {str(k): round(v[0], 4) for k, v in cv.items()},
+        "mean_weight": round(float(weight.mean()), 4),
+        "fused_scale": round(float(log_scale.exp()), 4),
+        "val_accuracy_before": round(base_correct / n, 4),
+        "val_cv_accuracy_after": round((cv[best][1] + no_photo_correct) / n, 4),  # honest: held-out folds
+        "val_accuracy_after_in_sample": round(after, 4),
     }
 
 

@@ -40,7 +40,7 @@ def test_photo_calibration_is_fitted_on_val_saved_and_leaves_the_no_photo_path_a
     result = training.train_multimodal_classifier(clean, params["train"], models_dir / "image", models_dir / "text", models_dir / "multimodal", progress=False)
     calibration = result.config["architecture"]["photo_calibration"]
     assert calibration["mode"] == "val" and calibration["fitted_on"] > 0
-    assert 0.0 <= calibration["val_accuracy_after"] <= 1.0
+    assert 0.0 <= calibration["val_cv_accuracy_after"] <= 1.0 and calibration["l2"] in training.PHOTO_CALIBRATION_L2
 
     classifier = inference.load_classifier(models_dir / "multimodal", device="cpu")
     module = classifier.module
