@@ -181,6 +181,10 @@ def main() -> None:
     py = sys.executable
     report: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}, "started": datetime.now(timezone.utc).isoformat()}
     if args.priority:
+        if os.getsid(0) != os.getpid():
+            # The priority belongs to a session (autogroup): take a session of our own first, or
+            # the shell's whole session (and whatever else it starts later) keeps nice -20.
+            os.execvp("setsid", ["setsid", "--wait", sys.executable, *sys.argv])
         report["machine"]["autogroup"] = _take_priority()
 
     since = datetime.now(timezone.utc)
