@@ -39,6 +39,13 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
+from pipeline_steps.clean_schema import (  # noqa: F401  (re-exported: baselines.<name>)
+    IMAGE_COLUMNS,
+    IMAGES_FILE,
+    PRODUCTS_FILE,
+    load_classes,
+    read_table,
+)
 from pipeline_steps.config import get
 from pipeline_steps.errors import ConfigError, DataValidationError
 from pipeline_steps.evaluation import classification_metrics, regression_metrics
@@ -58,7 +65,7 @@ PRICE_FEATURE_COLUMNS: tuple[str, ...] = ("text", "category", "town", "county")
 
 PRODUCT_COLUMNS: tuple[str, ...] = ("product_id", "text", "category", "label", "price",
                                     "price_is_outlier", "town", "county", "split")
-IMAGE_COLUMNS: tuple[str, ...] = ("image_id", "product_id", "path", "split", "label")
+"""The products.parquet columns the scikit-learn models read (the whole contract: clean_schema.PRODUCT_COLUMNS)."""
 
 # --------------------------------------------------------------------------- params and data
 
@@ -89,33 +96,9 @@ def baseline_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {**checked.model_dump(), "seed": int(seed)}
 
 
-def load_classes(clean_dir: str | Path) -> list[str]:
-    """The class names, in label-code order, from `labels.json`."""
-    path = Path(clean_dir) / "labels.json"
-    if not path.is_file():
-        raise DataValidationError(f"{path} not found: run the clean stage first")
-    classes = read_json(path).get("classes")
-    if not isinstance(classes, list) or not classes:
-        raise DataValidationError(f"{path} has no non-empty 'classes' list")
-    return [str(c) for c in classes]
-
-
-def _require_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataValidationError(f"{path} lacks column(s) {', '.join(missing)}")
-
-
 def load_clean_products(clean_dir: str | Path, split: str | None = None) -> pd.DataFrame:
     """Products of the clean layer (optionally one split), with text/location NaNs as ''."""
-    path = Path(clean_dir) / "products.parquet"
-    if not path.is_file():
-        raise DataValidationError(f"{path} not found: run the clean stage first")
-    frame = pd.read_parquet(path)
-    _require_columns(frame, PRODUCT_COLUMNS, path)
-    if split is not None:
-        frame = frame[frame["split"] == split]
-    frame = frame.reset_index(drop=True)
+    frame = read_table(clean_dir, PRODUCTS_FILE, PRODUCT_COLUMNS, split)
     for column in ("text", "category", "town", "county"):
         frame[column] = frame[column].fillna("").astype(str)
     return frame
@@ -123,14 +106,7 @@ def load_clean_products(clean_dir: str | Path, split: str | None = None) -> pd.D
 
 def load_clean_images(clean_dir: str | Path, split: str | None = None) -> pd.DataFrame:
     """Image rows of the clean layer (optionally one split)."""
-    path = Path(clean_dir) / "images.parquet"
-    if not path.is_file():
-        raise DataValidationError(f"{path} not found: run the clean stage first")
-    frame = pd.read_parquet(path)
-    _require_columns(frame, IMAGE_COLUMNS, path)
-    if split is not None:
-        frame = frame[frame["split"] == split]
-    return frame.reset_index(drop=True)
+    return read_table(clean_dir, IMAGES_FILE, IMAGE_COLUMNS, split)
 
 
 def _check_labels(labels: np.ndarray, classes: Sequence[str], source: str) -> None:

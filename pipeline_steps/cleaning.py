@@ -29,7 +29,8 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline_steps import io_utils
+from pipeline_steps import clean_schema, io_utils
+from pipeline_steps.clean_schema import require_columns  # noqa: F401  (re-exported: cleaning.require_columns)
 from pipeline_steps.errors import ConfigError, DataValidationError
 from pipeline_steps.images import IMAGE_MISSING, ImageResult, ImageTask, convert_images
 from pipeline_steps.splitting import SPLITS, assign_splits, split_settings
@@ -41,11 +42,8 @@ IMAGES_FILE = "Images.csv"
 REJECT_COLUMNS = ["source_file", "source_row", "record_id", "column", "reason", "value"]
 REQUIRED_PRODUCT_COLUMNS = ("id", "product_name", "category", "product_description", "price", "location")
 REQUIRED_IMAGE_COLUMNS = ("id", "product_id")
-PRODUCT_COLUMNS = [
-    "product_id", "product_name", "product_description", "text", "category_path", "category", "label",
-    "price", "price_is_outlier", "location", "town", "county", "n_images", "split",
-]
-IMAGE_COLUMNS = ["image_id", "product_id", "path", "split", "label"]
+PRODUCT_COLUMNS = list(clean_schema.PRODUCT_COLUMNS)
+IMAGE_COLUMNS = list(clean_schema.IMAGE_COLUMNS)
 CATEGORY_SEPARATOR = " / "
 IMAGES_SUBDIR = "images"
 
@@ -184,13 +182,6 @@ def make_rejects(
             "value": value_series.loc[frame.index].to_numpy(dtype=object),
         }
     )
-
-
-def require_columns(frame: pd.DataFrame, columns: Sequence[str], name: str) -> None:
-    """Fail with the file and column names rather than a KeyError deep inside a rule."""
-    missing = [column for column in columns if column not in frame.columns]
-    if missing:
-        raise DataValidationError(f"{name} lacks required column(s) {missing}; found {list(frame.columns)}")
 
 
 def require_unique(frame: pd.DataFrame, column: str, name: str) -> None:
@@ -533,10 +524,10 @@ def clean_dataset(
         inputs = {"products": len(raw_products), "images": len(raw_images)}
         manifest = build_manifest(products, images, rejects, cleaned.labels, stats, inputs)
 
-        io_utils.write_parquet(products, tmp_out / "products.parquet")
-        io_utils.write_parquet(images, tmp_out / "images.parquet")
-        io_utils.write_parquet(listings, tmp_out / "listings.parquet")
-        io_utils.write_json(tmp_out / "labels.json", cleaned.labels)
+        io_utils.write_parquet(products, tmp_out / clean_schema.PRODUCTS_FILE)
+        io_utils.write_parquet(images, tmp_out / clean_schema.IMAGES_FILE)
+        io_utils.write_parquet(listings, tmp_out / clean_schema.LISTINGS_FILE)
+        io_utils.write_json(tmp_out / clean_schema.LABELS_FILE, cleaned.labels)
         io_utils.write_csv(rejects, tmp_out / "rejects.csv")
         io_utils.write_json(tmp_out / "manifest.json", manifest)
     return manifest

@@ -12,7 +12,6 @@ foreign clean folder fails with a message naming the file and the column.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from pipeline_steps.clean_schema import (  # noqa: F401  (re-exported: datasets.<name>)
+    IMAGE_COLUMNS,
+    IMAGES_FILE,
+    PRODUCTS_FILE,
+    SPLITS,
+    load_classes,
+    read_table,
+)
 from pipeline_steps.errors import DataValidationError
 
-SPLITS = ("train", "val", "test")
 PRODUCT_COLUMNS = ("product_id", "text", "label", "split")
-IMAGE_COLUMNS = ("image_id", "product_id", "path", "split", "label")
+"""The products.parquet columns the torch datasets read (the whole contract: clean_schema.PRODUCT_COLUMNS)."""
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
@@ -58,32 +64,12 @@ class CleanData:
         return grouped
 
 
-def load_classes(clean_dir: str | Path) -> list[str]:
-    path = Path(clean_dir) / "labels.json"
-    if not path.is_file():
-        raise DataValidationError(f"{path} is missing: run the clean stage first")
-    classes = json.loads(path.read_text(encoding="utf-8")).get("classes")
-    if not classes or not isinstance(classes, list):
-        raise DataValidationError(f"{path} has no non-empty 'classes' list")
-    return [str(name) for name in classes]
-
-
-def _read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
-    if not path.is_file():
-        raise DataValidationError(f"{path} is missing: run the clean stage first")
-    frame = pd.read_parquet(path)
-    missing = [column for column in columns if column not in frame.columns]
-    if missing:
-        raise DataValidationError(f"{path} lacks column(s) {missing} (the Clean contract in docs/ARCHITECTURE.md)")
-    return frame
-
-
 def load_clean(clean_dir: str | Path) -> CleanData:
     """Read products.parquet, images.parquet and labels.json and check labels and splits."""
     clean_dir = Path(clean_dir)
     classes = load_classes(clean_dir)
-    products = _read_table(clean_dir / "products.parquet", PRODUCT_COLUMNS)
-    images = _read_table(clean_dir / "images.parquet", IMAGE_COLUMNS)
+    products = read_table(clean_dir, PRODUCTS_FILE, PRODUCT_COLUMNS)
+    images = read_table(clean_dir, IMAGES_FILE, IMAGE_COLUMNS)
     for name, frame in (("products.parquet", products), ("images.parquet", images)):
         labels = pd.to_numeric(frame["label"], errors="coerce")
         bad = frame[labels.isna() | (labels < 0) | (labels >= len(classes))]

@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline_steps.clean_schema import SPLITS  # noqa: F401  (re-exported: splitting.SPLITS)
 from pipeline_steps.errors import ConfigError, DataValidationError
-
-SPLITS = ("train", "val", "test")
 
 
 def split_settings(split_params: Mapping[str, Any] | None) -> tuple[float, float, int]:

@@ -51,6 +51,10 @@ from great_expectations.expectations.metadata_types import FailureSeverity  # no
 from PIL import Image, ImageFile, UnidentifiedImageError  # noqa: E402
 
 from pipeline_steps import io_utils  # noqa: E402
+from pipeline_steps import clean_schema  # noqa: E402
+from pipeline_steps.clean_schema import SPLITS, load_classes, require_columns  # noqa: E402
+from pipeline_steps.clean_schema import IMAGE_COLUMNS as CLEAN_IMAGE_COLUMNS  # noqa: E402
+from pipeline_steps.clean_schema import PRODUCT_COLUMNS as CLEAN_PRODUCT_COLUMNS  # noqa: E402
 from pipeline_steps.errors import ConfigError, DataValidationError, RejectThresholdExceeded  # noqa: E402
 from pipeline_steps.text_hygiene import (  # noqa: E402
     PRODUCT_TEXT_COLUMNS,
@@ -89,8 +93,6 @@ TOWN_COUNTY_REGEX = r"^[^,]*[^,\s], [^,\s][^,]*$"
 SAFE_ID_REGEX = r"^(?!\.\.?$)[^/\\\x00-\x1f\x7f]+$"
 MAX_FILE_NAME_CHARS = 200  # ids longer than this cannot name a file on common filesystems
 EXPECTED_IMAGE_FORMAT = "JPEG"
-SPLITS = ("train", "val", "test")
-
 REJECT_COLUMNS = ["source_file", "source_row", "record_id", "column", "reason", "value"]
 TEXT_RULE_SUFFIXES = ("_control_chars", "_invalid_unicode", "_invisible_in_names", "_too_long")
 ORPHAN_COLUMNS = ["file_name"]
@@ -828,11 +830,6 @@ def _refuse_inside(raw_dir: Path, outputs: Mapping[str, Path]) -> None:
 
 # --------------------------------------------------------------------------- clean tables
 
-CLEAN_PRODUCT_COLUMNS = (
-    "product_id", "product_name", "product_description", "text", "category_path", "category", "label",
-    "price", "price_is_outlier", "location", "town", "county", "n_images", "split",
-)
-CLEAN_IMAGE_COLUMNS = ("image_id", "product_id", "path", "split", "label")
 CLEAN_PATH_REGEX = r"^images/[^/\\]+\.jpg$"
 
 
@@ -850,8 +847,8 @@ def validate_clean_tables(
     are used, which is what the contract's "label = int code of category" means. Raises
     DataValidationError naming every failed check with counts and examples.
     """
-    _require_columns(products_df, CLEAN_PRODUCT_COLUMNS, "clean products.parquet")
-    _require_columns(images_df, CLEAN_IMAGE_COLUMNS, "clean images.parquet")
+    require_columns(products_df, CLEAN_PRODUCT_COLUMNS, f"clean {clean_schema.PRODUCTS_FILE}")
+    require_columns(images_df, CLEAN_IMAGE_COLUMNS, f"clean {clean_schema.IMAGES_FILE}")
     if products_df.empty:
         raise DataValidationError("clean products.parquet has no rows")
     class_list = list(classes) if classes is not None else sorted(products_df["category"].dropna().unique())
@@ -897,16 +894,14 @@ def validate_clean_layer(clean_dir: Path, data_docs_dir: Path | None = None) -> 
         and an example reason.
     """
     clean_dir = Path(clean_dir)
-    missing = [name for name in ("products.parquet", "images.parquet", "labels.json") if not (clean_dir / name).is_file()]
+    layer_files = (clean_schema.PRODUCTS_FILE, clean_schema.IMAGES_FILE, clean_schema.LABELS_FILE)
+    missing = [name for name in layer_files if not (clean_dir / name).is_file()]
     if missing:
         raise DataValidationError(f"the clean layer {clean_dir} lacks {format_examples(missing)}")
-    classes = io_utils.read_json(clean_dir / "labels.json").get("classes")
-    if not isinstance(classes, list) or not classes:
-        raise DataValidationError(f"{clean_dir / 'labels.json'} has no 'classes' list")
     return validate_clean_tables(
-        pd.read_parquet(clean_dir / "products.parquet"),
-        pd.read_parquet(clean_dir / "images.parquet"),
-        classes,
+        pd.read_parquet(clean_dir / clean_schema.PRODUCTS_FILE),
+        pd.read_parquet(clean_dir / clean_schema.IMAGES_FILE),
+        load_classes(clean_dir),
         data_docs_dir=data_docs_dir,
     )
 
@@ -1018,11 +1013,3 @@ def _describe_failures(
             detail = f"{check.reason} (observed {suite.observed.get(check_id)!r})"
         problems.append(f"{label}: check '{check_id}' failed for {detail}")
     return problems
-
-
-def _require_columns(frame: pd.DataFrame, columns: Sequence[str], label: str) -> None:
-    missing = [column for column in columns if column not in frame.columns]
-    if missing:
-        raise DataValidationError(
-            f"{label} is missing column(s) {format_examples(missing, 20)} required by the contract"
-        )

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline_steps.datasets import IMAGE_COLUMNS
+from pipeline_steps.clean_schema import IMAGE_COLUMNS
 from pipeline_steps.io_utils import write_json, write_parquet
 
 
