@@ -46,13 +46,13 @@ import pandas as pd
 from pipeline_steps.config import get, require_choice
 from pipeline_steps.errors import ConfigError, DataValidationError, PipelineError
 from pipeline_steps.io_utils import atomic_dir, read_json, write_json
+from pipeline_steps.index_meta import META_FILE, model_mismatch
 from pipeline_steps.model_kinds import INDEX_KINDS
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
-META_FILE = "index.json"
 
 METRICS: dict[str, int] = {
     "cosine": faiss.METRIC_INNER_PRODUCT,
@@ -479,13 +479,12 @@ class SimilarityIndex:
                 raise DataValidationError(f"index directory {directory} lacks {name}")
         metadata = IndexMetadata.from_dict(read_json(directory / META_FILE))
         if expected_model is not None:
-            want_name, want_version = str(expected_model[0]), str(expected_model[1])
-            got = (metadata.model_name, metadata.model_version)
-            if got != (want_name, want_version):
+            got = model_mismatch((metadata.model_name, metadata.model_version), expected_model)
+            if got is not None:
                 raise IndexMismatchError(
                     f"index at {directory} was built from model {got[0]!r} version {got[1]!r}, "
-                    f"but is to be used with {want_name!r} version {want_version!r}: rebuild the index "
-                    "(flows/index.py) for this model version"
+                    f"but is to be used with {str(expected_model[0])!r} version {str(expected_model[1])!r}: "
+                    "rebuild the index (flows/index.py) for this model version"
                 )
         index = faiss.read_index(str(directory / INDEX_FILE))
         ids = pd.read_parquet(directory / IDS_FILE)

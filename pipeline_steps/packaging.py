@@ -32,6 +32,7 @@ from PIL import Image
 
 from pipeline_steps.errors import PipelineError
 from pipeline_steps.io_utils import atomic_dir, read_json, write_json
+from pipeline_steps.index_meta import META_FILE, model_mismatch
 from pipeline_steps.model_kinds import INDEX_KINDS, SERVED_KINDS as MODEL_KINDS
 from pipeline_steps.runtime_env import OFFLINE_ENV
 
@@ -151,7 +152,7 @@ def _check_indexes(
         if kind not in INDEX_KINDS:
             raise BundleError(f"unknown index kind {kind!r}; accepted kinds: {', '.join(INDEX_KINDS)}")
         index_dir = Path(index_dir)
-        info_path = index_dir / "index.json"
+        info_path = index_dir / META_FILE
         if not info_path.is_file():
             raise BundleError(f"index for {kind!r} has no index.json: {index_dir}")
         info = read_json(info_path)
@@ -161,8 +162,8 @@ def _check_indexes(
                 f"index {kind!r} ({index_dir}) was given without a {kind!r} model; "
                 "an index is only served with the model it was built from"
             )
-        index_model = (str(info.get("model_name")), str(info.get("model_version")))
-        if index_model != (model["name"], model["version"]):
+        index_model = model_mismatch(info, (model["name"], model["version"]))
+        if index_model is not None:
             raise BundleError(
                 f"index {kind!r} was built from model {index_model[0]} version {index_model[1]}, "
                 f"but the bundle packages {model['name']} version {model['version']}; rebuild the index "

@@ -38,7 +38,6 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from pipeline_steps.errors import ConfigError
 from pipeline_steps.faults import crash_point
 from pipeline_steps.io_utils import read_json
 from pipeline_steps.model_kinds import CLASSIFIER_KINDS, model_name  # noqa: F401  (re-exported: registry.<name>)

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline_steps.errors import PipelineError
+from pipeline_steps.index_meta import META_FILE, model_mismatch
 from pipeline_steps.io_utils import read_json
 from pipeline_steps.model_kinds import CLASSIFIER_KINDS, PRICE_KIND
 from service.responses import json_scalar
@@ -43,13 +44,29 @@ def _index_dir(bundle_dir: Path, kind: str, meta: Mapping[str, Any]) -> Path:
     return bundle_dir / str(meta.get("dir") or f"index/{kind}")
 
 
-def _refuse_other_version(kind: str, built_from: tuple[str, str], expected: tuple[str, str]) -> None:
-    if built_from != expected:
+def _checked_index_dir(bundle_dir: Path, kind: str, meta: Mapping[str, Any], model: tuple[Any, Any] | None) -> Path:
+    """The bundle's `kind` index folder, refused unless it was built from the bundle's `kind` model.
+
+    Args:
+        model: (name, version) of the bundle's `kind` model; None when the bundle has none.
+    """
+    if model is None:
         raise BundleLoadError(
-            f"refusing to serve the {kind!r} index: it was built from model {built_from[0]} version "
-            f"{built_from[1]}, but the bundle's {kind} model is {expected[0]} version {expected[1]}. "
+            f"the bundle has a {kind!r} index but no {kind!r} model to embed queries with; "
+            "an index is only served with the model version it was built from"
+        )
+    directory = _index_dir(bundle_dir, kind, meta)
+    index_json = directory / META_FILE
+    if not index_json.is_file():
+        raise BundleLoadError(f"bundle index {kind!r} has no {META_FILE}: {index_json}")
+    built = model_mismatch(read_json(index_json), model)
+    if built is not None:
+        raise BundleLoadError(
+            f"refusing to serve the {kind!r} index: it was built from model {built[0]} version "
+            f"{built[1]}, but the bundle's {kind} model is {model[0]} version {model[1]}. "
             "Rebuild the index for this model version (flows/index.py) and re-package the bundle."
         )
+    return directory
 
 
 def preflight_bundle(bundle_dir: str | Path) -> dict[str, Any]:
@@ -71,17 +88,7 @@ def preflight_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     models_meta = info.get("models") or {}
     for kind, meta in (info.get("indexes") or {}).items():
         model = models_meta.get(kind)
-        if model is None:
-            raise BundleLoadError(
-                f"the bundle has a {kind!r} index but no {kind!r} model to embed queries with; "
-                "an index is only served with the model version it was built from"
-            )
-        index_json = _index_dir(bundle_dir, kind, meta) / "index.json"
-        if not index_json.is_file():
-            raise BundleLoadError(f"bundle index {kind!r} has no index.json: {index_json}")
-        on_disk = read_json(index_json)
-        _refuse_other_version(kind, (str(on_disk.get("model_name")), str(on_disk.get("model_version"))),
-                              (str(model.get("name")), str(model.get("version"))))
+        _checked_index_dir(bundle_dir, kind, meta, None if model is None else (model.get("name"), model.get("version")))
     return info
 
 
@@ -192,18 +199,7 @@ def _load_index(bundle: Bundle, kind: str, meta: Mapping[str, Any], use_gpu: boo
     from pipeline_steps.index import SimilarityIndex
 
     model = bundle.models.get(kind)
-    if model is None:
-        raise BundleLoadError(
-            f"the bundle has a {kind!r} index but no {kind!r} model to embed queries with; "
-            "an index is only served with the model version it was built from"
-        )
-    directory = _index_dir(bundle.directory, kind, meta)
-    index_json = directory / "index.json"
-    if not index_json.is_file():
-        raise BundleLoadError(f"bundle index {kind!r} has no index.json: {directory}")
-    on_disk = read_json(index_json)
-    _refuse_other_version(kind, (str(on_disk.get("model_name")), str(on_disk.get("model_version"))),
-                          (model.name, model.version))
+    directory = _checked_index_dir(bundle.directory, kind, meta, None if model is None else (model.name, model.version))
     index = SimilarityIndex.load(directory, expected_model=(model.name, model.version), use_gpu=use_gpu)
     dim = getattr(bundle.classifiers[kind], "embedding_dim", None)
     if dim is not None and int(dim) != int(index.dim):
