@@ -24,7 +24,7 @@ export DVC_NO_ANALYTICS := 1
 # Stages to run (default: all); e.g. `make demo TARGETS=clean` stops after the clean stage.
 TARGETS ?=
 
-.PHONY: install demo repro sample pipeline test test-fast browser-deps prefect-server prefect-deploy mlflow-ui serve build metrics bench clean-outputs
+.PHONY: install demo repro sample pipeline test test-fast test-integration browser-deps prefect-server prefect-deploy mlflow-ui serve build metrics bench clean-outputs
 
 install: $(VENV)/.installed
 
@@ -62,8 +62,12 @@ pipeline: install
 test: install browser-deps
 	$(BIN)/pytest
 
+## The tiers are pytest markers (docs/ARCHITECTURE.md, "Tests in tiers"): unit = no marker.
 test-fast: install
-	$(BIN)/pytest -m "not integration and not browser and not realdata"
+	$(BIN)/pytest -m "not integration and not browser and not realdata and not slow"
+
+test-integration: install
+	$(BIN)/pytest -m "integration and not browser and not realdata"
 
 ## Debian's chromium for the search-page test (never a downloaded browser build).
 browser-deps:

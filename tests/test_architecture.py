@@ -10,6 +10,7 @@ nothing is imported to check it.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,59 @@ def test_one_definition_per_concept(groups: set[frozenset[str]], home: str) -> N
         if values in groups
     ]
     assert copies == [], f"define these in {home} and import them"
+
+
+# --------------------------------------------------------------------------- tests in tiers
+
+STARTS_PROCESS_OR_SERVER = re.compile(
+    r"subprocess\.(run|Popen|check_output|check_call|call)\b|\bPopen\(|HTTPServer\(|LocalCluster\(|\bserved\(|"
+    r"(?<![\w])[a-z]+_flow\("
+)
+# Unit tests that start a fresh interpreter only to import a module and look at os.environ
+# (an import-time property can only be seen in a fresh process): no server, flow or pipeline.
+FRESH_INTERPRETER_IMPORT_CHECKS = {
+    ("test_registry.py", "test_importing_the_registry_modules_changes_no_environment_variable"),
+    ("test_validation.py", "test_importing_validation_leaves_os_environ_unchanged"),
+    ("test_runtime_env.py", "test_stage_modules_apply_prefect_settings_before_prefect_reads_them"),
+    ("test_runtime_env.py", "test_a_setting_applied_after_import_prefect_is_ignored"),
+    ("test_runtime_env.py", "test_user_exported_values_win"),
+    ("test_runtime_env.py", "test_service_package_switches_bentoml_tracking_off_before_bentoml_is_imported"),
+    ("test_runtime_env.py", "test_importing_pipeline_steps_changes_no_environment"),
+}
+
+
+def _marks(decorators: list[ast.expr]) -> set[str]:
+    return set(re.findall(r"pytest\.mark\.(\w+)", " ".join(ast.unparse(d) for d in decorators)))
+
+
+def test_tests_that_start_a_server_a_flow_or_a_process_are_integration_tests() -> None:
+    """`make test-fast` (no marker) stays the unit tier: a test (or a fixture of its module) that
+    starts a server, runs a flow or starts a process is marked `integration`."""
+    unmarked = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        module_marks: set[str] = set()
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in node.targets):
+                module_marks |= set(re.findall(r"mark\.(\w+)", ast.unparse(node.value)))
+        functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+        starting_fixtures = {
+            node.name for node in functions
+            if any("fixture" in ast.unparse(d) for d in node.decorator_list) and STARTS_PROCESS_OR_SERVER.search(ast.unparse(node))
+        }
+        starting_helpers = {  # e.g. a run_killed(...) that runs step functions in a subprocess
+            node.name for node in functions
+            if not node.name.startswith("test_") and node.name not in starting_fixtures
+            and STARTS_PROCESS_OR_SERVER.search(ast.unparse(node))
+        }
+        calls_helper = re.compile(rf"(?<![\w.])({'|'.join(map(re.escape, starting_helpers))})\(") if starting_helpers else None
+        for node in functions:
+            if not node.name.startswith("test_") or "integration" in _marks(node.decorator_list) | module_marks:
+                continue
+            if (path.name, node.name) in FRESH_INTERPRETER_IMPORT_CHECKS:
+                continue
+            source = ast.unparse(node)
+            if (STARTS_PROCESS_OR_SERVER.search(source) or (calls_helper and calls_helper.search(source))
+                    or {a.arg for a in node.args.args} & starting_fixtures):
+                unmarked.append(f"{path.name}::{node.name}")
+    assert unmarked == [], f"mark these @pytest.mark.integration (they start a server, a flow or a process): {unmarked}"

@@ -79,6 +79,7 @@ clean_dataset(Path(ARGS["validated"]), Path(ARGS["images"]), Path(ARGS["out"]), 
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "crash_at",
     [
@@ -112,6 +113,7 @@ validate_raw(Path(ARGS["raw"]), Path(ARGS["out"]), ARGS["params"], Path(ARGS["do
 """
 
 
+@pytest.mark.integration
 def test_validate_killed_while_writing_keeps_a_whole_layer(layers, tmp_path) -> None:
     work = layers["work"]
     out = tmp_path / "validated"
@@ -146,6 +148,7 @@ def _index_files(directory: Path) -> dict[str, Any]:
     return {**files, "meta": meta}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("crash_at", ["replace:index.json", "swap:text"])
 def test_index_killed_while_written_keeps_the_old_index(tmp_path, crash_at) -> None:
     out = tmp_path / "index" / "text"

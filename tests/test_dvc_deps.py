@@ -163,6 +163,7 @@ def test_the_closures_hold_the_modules_the_issue_found_missing() -> None:
         assert {"flows/common.py", "flows/__init__.py", "pipeline_steps/runtime_env.py"} <= closure, name
 
 
+@pytest.mark.integration
 def test_write_on_a_copy_changes_only_code_deps(tmp_path: Path) -> None:
     """`--write` keeps cmd, params, outs, metrics, plots, data deps and comments of the real dvc.yaml."""
     copy = tmp_path / "dvc.yaml"

@@ -53,6 +53,7 @@ def test_dead_api_url_is_named_within_seconds() -> None:
     assert "unset PREFECT_API_URL" in str(error.value)
 
 
+@pytest.mark.integration
 def test_stage_cli_with_dead_api_url_fails_fast_naming_it(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{_free_port()}/api"
     started = time.monotonic()
@@ -67,6 +68,7 @@ def test_stage_cli_with_dead_api_url_fails_fast_naming_it(tmp_path: Path) -> Non
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.integration
 def test_wrapper_with_dead_api_url_exits_with_its_code() -> None:
     url = f"http://127.0.0.1:{_free_port()}/api"
     proc = subprocess.run(
@@ -87,6 +89,7 @@ def test_taken_port_moves_to_the_next_free_one(capsys: pytest.CaptureFixture[str
     assert f"port {taken} is taken" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_wrapper_needs_a_command() -> None:
     proc = subprocess.run([sys.executable, "-m", "flows.prefect_server"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
@@ -125,6 +128,7 @@ def _children_alive(pids: list[int]) -> list[int]:
 WATCHED_SCRIPT = "from flows.process_tree import watched_ancestor; print(watched_ancestor())"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
 def test_a_stage_under_a_shell_wrapper_watches_the_process_that_ran_the_shell(shell: str) -> None:
     """dvc runs `$SHELL -c cmd`; dash stays in between (no exec), so the stage must look past it."""
@@ -136,6 +140,7 @@ def test_a_stage_under_a_shell_wrapper_watches_the_process_that_ran_the_shell(sh
     assert int(out.stdout.split()[-1]) == os.getpid()
 
 
+@pytest.mark.integration
 def test_a_stage_started_directly_watches_its_parent() -> None:
     out = subprocess.run([sys.executable, "-c", WATCHED_SCRIPT], capture_output=True, text=True, check=True,
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)

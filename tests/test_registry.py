@@ -244,6 +244,7 @@ def test_run_tags_outside_git_uses_content_hash(tmp_path):
     assert run_tags(tmp_path, raw)["dvc_data_version"] != tags["dvc_data_version"]
 
 
+@pytest.mark.integration
 def test_run_tags_git_and_dvc_records(tmp_path):
     def git(*args):
         subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)

@@ -80,6 +80,7 @@ def test_service_package_switches_bentoml_tracking_off_before_bentoml_is_importe
     assert out.splitlines()[-1].split() == ["True", "true"]
 
 
+@pytest.mark.integration
 def test_runtime_env_launcher_gives_other_programs_the_settings() -> None:
     out = _python(
         "import subprocess, sys\n"

@@ -45,6 +45,7 @@ def test_local_stores_need_no_server() -> None:
     registry.require_tracking_server("file:///tmp/mlruns")
 
 
+@pytest.mark.integration
 def test_a_server_that_comes_back_is_retried_not_failed() -> None:
     answers = iter([503, 200])
 
