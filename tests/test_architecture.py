@@ -71,6 +71,10 @@ def test_flows_never_import_service_or_test_tooling() -> None:
     assert _offenders("flows", {"service", "tests", "benchmarks"}) == []
 
 
+def test_tools_import_no_project_code() -> None:
+    assert _offenders("tools", {"pipeline_steps", "flows", "service", "tests", "benchmarks"}) == []
+
+
 @pytest.mark.parametrize("folder", ["pipeline_steps", "flows", "service", "tools"])
 def test_only_tests_and_benchmarks_import_tests_support(folder: str) -> None:
     assert _offenders(folder, {"tests.support"}) == []

@@ -34,7 +34,7 @@ from pipeline_steps.config import load_params
 from pipeline_steps.index import SimilarityIndex
 from pipeline_steps.io_utils import sweep_stale
 from pipeline_steps.validation import validate_raw
-from tests.flow_helpers import tiny_raw_export
+from tests.support.flow_helpers import tiny_raw_export
 
 ROOT = Path(__file__).resolve().parents[1]
 CLEANING = {**load_params()["cleaning"], "image_size": 32, "min_products_per_class": 3}

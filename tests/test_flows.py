@@ -14,7 +14,7 @@ from flows.clean import clean_flow
 from flows.generate_sample import generate_sample_flow
 from flows.validate import validate_flow
 from pipeline_steps.errors import ConfigError, DataValidationError, RejectThresholdExceeded
-from tests.flow_helpers import path_overrides, tiny_raw_export
+from tests.support.flow_helpers import path_overrides, tiny_raw_export
 
 pytestmark = pytest.mark.integration
 

@@ -30,7 +30,7 @@ from pipeline_steps import registry, tracking
 from pipeline_steps.errors import PipelineError
 from pipeline_steps.index import SimilarityIndex
 from pipeline_steps.packaging import read_bundle_info
-from tests.flow_helpers import FAST_TRAINING, path_overrides, tiny_raw_export
+from tests.support.flow_helpers import FAST_TRAINING, path_overrides, tiny_raw_export
 
 pytestmark = pytest.mark.integration
 

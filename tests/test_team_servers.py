@@ -168,7 +168,7 @@ def test_deployment_run_from_the_api_is_executed_by_a_process_worker(prefect_ser
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows import deployments
-    from tests.flow_helpers import path_overrides, tiny_raw_export
+    from tests.support.flow_helpers import path_overrides, tiny_raw_export
 
     pool = "test-process-pool"
     raw = tiny_raw_export(tmp_path / "raw")
