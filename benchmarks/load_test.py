@@ -349,9 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be >= 1")
 
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pipeline_steps import runtime_env
+
+    runtime_env.apply()  # the project's defaults (telemetry off, hubs offline); exported values win
 
     server = None
     bundle = args.bundle

@@ -41,10 +41,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline_steps import runtime_env  # noqa: E402
+
+runtime_env.apply()  # telemetry off, hubs offline, before any library reads them; exported values win
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

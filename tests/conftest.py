@@ -42,6 +42,22 @@ def bundle_dir(request: pytest.FixtureRequest) -> Path:
     return cached_tiny_bundle(request.config.cache.mkdir("marketplace_tiny_bundle"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: extra threads only add overhead (and spin badly on a busy shared CPU).
+
+    Model building and inference run outside the training loop's thread setting, so the model
+    tests keep torch at one thread for their whole module:
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_uris_restored():
     """A test that points MLflow at its own store leaves the next test where it found it.

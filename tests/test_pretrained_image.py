@@ -4,11 +4,6 @@ frozen-feature cache, both training modes end to end, and bad photos at request 
 from __future__ import annotations
 
 import copy
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +17,7 @@ from pipeline_steps.errors import ConfigError
 from tests.support import tiny_bundle as devtools
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- weights

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +66,7 @@ def tiny_params(root: Path) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Model building and inference here run outside the loop's thread setting: keep them at 1 too."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_steps.config import PROJECT_ROOT
+from pipeline_steps.runtime_env import OFFLINE_ENV
 
 SERVICE_TARGET = "service.service:MarketplaceSearch"
 
@@ -60,10 +61,7 @@ class ServiceProcess:
             **os.environ,
             "MARKETPLACE_BUNDLE_DIR": str(self.bundle_dir),
             "BENTOML_HOME": str(self.bentoml_home),
-            "BENTOML_DO_NOT_TRACK": "true",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
+            **OFFLINE_ENV,  # telemetry off, hubs offline (pipeline_steps/runtime_env.py)
         }
         env.update(self.extra_env)
         return env
