@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score, precision_recall_fscore_support, r2_score
 
+from pipeline_steps.clean_schema import load_classes
 from pipeline_steps.errors import PipelineError
 from pipeline_steps.io_utils import read_json, write_csv, write_json
 from pipeline_steps.model_kinds import CLASSIFIER_KINDS, PRICE_CATEGORY_KIND, SKLEARN_KINDS  # noqa: F401  (re-exported)
@@ -317,7 +318,7 @@ def score_model(
         return Scored(metrics, prediction.labels, prediction.proba.argmax(axis=1), list(classifier.classes), ids)
     if kind not in SKLEARN_KINDS:
         raise PipelineError(f"unknown model kind {kind!r}; accepted: {', '.join(CLASSIFIER_KINDS + SKLEARN_KINDS)}")
-    classes = list(read_json(clean_dir / "labels.json")["classes"])
+    classes = load_classes(clean_dir)
     if kind == "price":
         if category_model_dir is None:
             raise PipelineError(

@@ -38,6 +38,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from pipeline_steps.clean_schema import load_classes
 from pipeline_steps.faults import crash_point
 from pipeline_steps.io_utils import read_json
 from pipeline_steps.model_kinds import CLASSIFIER_KINDS, model_name  # noqa: F401  (re-exported: registry.<name>)
@@ -480,7 +481,7 @@ def rescore_champion(
     with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
         model_dir = find_model_dir(download_champion(name, alias, tmp, client=client))
         model_classes = read_json(model_dir / "config.json").get("classes")
-        if model_classes is not None and list(model_classes) != list(read_json(clean_dir / "labels.json")["classes"]):
+        if model_classes is not None and list(model_classes) != load_classes(clean_dir):
             return f"{alias} v{version} predicts another class list than {clean_dir / 'labels.json'}: not re-scored"
         scored = evaluation.score_model(kind, model_dir, clean_dir, category_model_dir=category_model_dir)
     numbers = {key: value for key, value in scored.metrics.items() if isinstance(value, (int, float))}

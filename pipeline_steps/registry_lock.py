@@ -22,7 +22,6 @@ After the alias move the caller re-reads it (`verify_alias`) and logs what it fo
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -30,7 +29,6 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -185,22 +183,11 @@ def _break_if_stale(client: Any, lock_name: str) -> None:
             client.delete_registered_model(lock_name)
 
 
-@contextlib.contextmanager
-def _file_lock(tracking_uri: str) -> Iterator[None]:
-    from pipeline_steps.registry import sqlite_path
+def _file_lock(tracking_uri: str) -> contextlib.AbstractContextManager[None]:
+    """The local SQLite store's own lock file (pipeline_steps/tracking.py: store_lock): one lock, not two."""
+    from pipeline_steps.tracking import store_lock
 
-    db_path = sqlite_path(tracking_uri)
-    if db_path is None:
-        yield
-        return
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = Path(db_path).with_name(Path(db_path).name + ".lock")
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return store_lock(tracking_uri)
 
 
 def verify_alias(client: Any, name: str, alias: str, expected_version: str) -> bool:

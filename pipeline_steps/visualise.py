@@ -27,8 +27,9 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
+from pipeline_steps.clean_schema import load_classes
 from pipeline_steps.evaluation import label_codes
-from pipeline_steps.io_utils import atomic_path, read_json
+from pipeline_steps.io_utils import atomic_path
 
 if TYPE_CHECKING:  # the evaluate stage draws its plots without faiss
     from pipeline_steps.index import SimilarityIndex
@@ -212,7 +213,7 @@ def neighbour_figure(
     clean_dir = Path(clean_dir)
     images = pd.read_parquet(clean_dir / "images.parquet", columns=["image_id", "product_id", "path"])
     first_photo = images.drop_duplicates("product_id").set_index("product_id")["path"]
-    classes = read_json(clean_dir / "labels.json")["classes"]
+    classes = load_classes(clean_dir)
     test_rows = [
         i for i in np.flatnonzero((ids["split"] == "test").to_numpy()) if ids.at[i, "product_id"] in first_photo.index
     ][:n_queries]
