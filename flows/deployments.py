@@ -43,11 +43,8 @@ DEFAULT_DEPLOYMENT = "team"
 
 def team_settings(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     params = load_params() if params is None else params
-    team = dict(params.get("team") or {})
-    team.setdefault("work_pool", "marketplace-process")
-    team.setdefault("work_pool_type", "process")
-    team.setdefault("deployment_name", DEFAULT_DEPLOYMENT)
-    team.setdefault("deployment_stages", [s for s in ENTRYPOINTS if s != "pipeline"])
+    team = dict(params["team"])  # work_pool, work_pool_type, deployment_stages: params.yaml `team:`
+    team.setdefault("deployment_name", DEFAULT_DEPLOYMENT)  # not a params.yaml knob: the deployments' name
     return team
 
 

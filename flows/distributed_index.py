@@ -89,7 +89,7 @@ def _run(settings: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:
     embed_s = time.perf_counter() - started
     vectors, ids = sharding.merge_shards(results)
 
-    trained = sharding.empty_index(vectors, str(settings["index"]["factory"]), dist.get("index_train_points"))
+    trained = sharding.empty_index(vectors, str(settings["index"]["factory"]), dist["index_train_points"])
     blob = faiss.serialize_index(trained)
     index_futures = [fill_shard_index_task.submit(blob, r["vectors"]) for r in sorted(results, key=lambda r: r["shard"])]
     merged = sharding.merge_indexes([faiss.deserialize_index(f.result()) for f in index_futures])
@@ -104,8 +104,8 @@ def _run(settings: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:
         "embed_seconds": embed_s,
         "photos_per_second": len(rows) / embed_s if embed_s > 0 else None,
         "total_seconds": time.perf_counter() - started,
-        "dask_address": dist.get("dask_address"),
-        "n_workers": dist.get("n_workers"),
+        "dask_address": dist["dask_address"],
+        "n_workers": dist["n_workers"],
     }
     write_json(work_dir / "summary.json", summary)
     print(f"{len(rows)} photos in {len(shards)} shards: {summary['photos_per_second']:.1f} photos/s; index at {index_path}")

@@ -61,13 +61,29 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     return config
 
 
+# config.json's `architecture` is what a model was trained with, not params.yaml: the `.get` defaults
+# below keep model directories written before a key was recorded loadable (dropout does nothing in
+# eval mode; the defaults are the values those older models were built with).
+
+
 def _image_module(architecture: dict[str, Any], n_classes: int) -> models.ImageClassifier:
-    return models.build_image_classifier(architecture, n_classes, pretrained=False)
+    saved = {
+        "backbone": architecture["backbone"],
+        "embedding_dim": architecture.get("embedding_dim", 256),
+        "dropout": architecture.get("dropout", 0.2),
+        "feature_dropout": architecture.get("feature_dropout", 0.0) or 0.0,
+    }
+    return models.build_image_classifier(saved, n_classes, pretrained=False)
 
 
 def _text_module(architecture: dict[str, Any], n_classes: int, encoder_dir: Path, wide_features: int | None = None) -> tuple[models.TextClassifier, Any]:
     tokenizer, transformer = models.encoder_from_folder(encoder_dir)
-    return models.build_text_classifier(transformer, architecture, n_classes, wide_features), tokenizer
+    saved = {
+        "hidden_dim": architecture.get("hidden_dim", 256),
+        "dropout": architecture.get("dropout", 0.1),
+        "wide_dropout": 0.0,  # feature dropout of the wide branch: training only
+    }
+    return models.build_text_classifier(transformer, saved, n_classes, wide_features), tokenizer
 
 
 def _wide_featurizer(architecture: dict[str, Any], model_dir: Path) -> models.WideFeaturizer | None:
@@ -102,8 +118,15 @@ def build_module(config: dict[str, Any], model_dir: str | Path) -> LoadedModel:
     text_tower, tokenizer = _text_module(tower_architecture, n_classes, model_dir / tower_architecture.get("encoder_dir", "encoder"))
     image_input = architecture.get("image_input", "head")
     text_head = copy.deepcopy(text_tower.head) if architecture.get("fusion", "concat") == "residual" else None
+    saved = {
+        "image_pooling": architecture.get("image_pooling", "mean"),
+        "fusion": architecture.get("fusion", "concat"),
+        "hidden_dim": architecture.get("hidden_dim", 256),
+        "dropout": architecture.get("dropout", 0.2),
+        "modality_dropout": architecture.get("modality_dropout", 0.2),
+    }
     fusion = models.build_fusion_head(
-        architecture, models.image_input_dim(image_tower, image_input), text_tower.embedding_dim, n_classes, text_head=text_head
+        saved, models.image_input_dim(image_tower, image_input), text_tower.embedding_dim, n_classes, text_head=text_head
     )
     wide_layer = models.WideLinear(wide_features, n_classes) if wide_features else None
     module = models.MultimodalClassifier(

@@ -370,29 +370,33 @@ class ImageClassifier(nn.Module):
 
 
 def build_image_classifier(image_params: Mapping[str, Any], n_classes: int, pretrained: bool = True) -> ImageClassifier:
-    """Build from `train.image`; `pretrained=False` skips the initial weights (inference)."""
-    backbone = check_backbone(image_params.get("backbone", "resnet18"))
-    weights_spec = describe_weights(backbone, image_params.get("weights")) if pretrained else None
+    """Build from `train.image` (backbone, embedding_dim, dropout, feature_dropout; with `pretrained`
+    also weights, freeze_backbone, trainable_blocks); `pretrained=False` skips the initial weights
+    (inference rebuilds from a saved config.json's architecture, see inference._image_module)."""
+    backbone = check_backbone(image_params["backbone"])
+    weights_spec = describe_weights(backbone, image_params["weights"]) if pretrained else None
     model = ImageClassifier(
         backbone,
         n_classes,
-        embedding_dim=int(image_params.get("embedding_dim", 256)),
-        dropout=float(image_params.get("dropout", 0.2)),
+        embedding_dim=int(image_params["embedding_dim"]),
+        dropout=float(image_params["dropout"]),
         weights_spec=weights_spec,
-        feature_dropout=float(image_params.get("feature_dropout", 0.0) or 0.0),
+        feature_dropout=float(image_params["feature_dropout"]),
     )
     if pretrained:
-        freeze = require_choice(image_params.get("freeze_backbone", "auto"), "train.image.freeze_backbone", FREEZE_CHOICES)
+        freeze = require_choice(image_params["freeze_backbone"], "train.image.freeze_backbone", FREEZE_CHOICES)
         if freeze is True or (freeze == "auto" and weights_spec and weights_spec["type"] != "none"):
-            model.freeze_all_but_last_block(int(image_params.get("trainable_blocks", 1) or 1))
+            blocks = image_params["trainable_blocks"]
+            if blocks != "all":
+                model.freeze_all_but_last_block(int(blocks))
     return model
 
 
 def build_image_preprocessor(image_params: Mapping[str, Any], weights_spec: Mapping[str, Any] | None, source_size: int | None = None) -> ImagePreprocessor:
     """The eval preprocessing of `train.image`: input size (null = the packaged weights' native
     size, else DEFAULT_INPUT_SIZE) and the normalisation the backbone's weights were trained with."""
-    backbone = check_backbone(image_params.get("backbone", "resnet18"))
-    size = image_params.get("input_size")
+    backbone = check_backbone(image_params["backbone"])
+    size = image_params["input_size"]
     if size is None:
         size = native_input_size(backbone) or DEFAULT_INPUT_SIZE
     if isinstance(size, bool) or not isinstance(size, int) or size < 16:
@@ -643,12 +647,12 @@ def build_text_classifier(
     transformer: nn.Module, text_params: Mapping[str, Any], n_classes: int, wide_features: int | None = None
 ) -> TextClassifier:
     """`wide_features`: width of the fitted TF-IDF vocabulary; None = no wide branch."""
-    wide = WideLinear(wide_features, n_classes, float(text_params.get("wide_dropout", 0.0))) if wide_features else None
+    wide = WideLinear(wide_features, n_classes, float(text_params["wide_dropout"])) if wide_features else None
     return TextClassifier(
         transformer,
         n_classes,
-        hidden_dim=int(text_params.get("hidden_dim", 256)),
-        dropout=float(text_params.get("dropout", 0.1)),
+        hidden_dim=int(text_params["hidden_dim"]),
+        dropout=float(text_params["dropout"]),
         wide=wide,
     )
 
@@ -1050,16 +1054,16 @@ def build_fusion_head(
     """`fusion: concat` (LayerNorm'd embeddings -> hidden -> logits) or `residual` (the text tower's head
     `text_head`, copied, + zero-initialised photo and concat terms); a residual head rebuilt for
     inference gets a same-shaped `text_head` whose weights come from model.pt."""
-    require_choice(multimodal_params.get("image_pooling", "mean"), "train.multimodal.image_pooling", IMAGE_POOLING)
-    fusion = require_choice(multimodal_params.get("fusion", "concat"), "train.multimodal.fusion", FUSIONS)
+    require_choice(multimodal_params["image_pooling"], "train.multimodal.image_pooling", IMAGE_POOLING)
+    fusion = require_choice(multimodal_params["fusion"], "train.multimodal.fusion", FUSIONS)
     if fusion == "residual" and text_head is None:
         raise ValueError("a residual fusion head needs the text tower's head")
     return FusionHead(
         image_dim,
         text_dim,
-        hidden_dim=int(multimodal_params.get("hidden_dim", 256)),
+        hidden_dim=int(multimodal_params["hidden_dim"]),
         n_classes=n_classes,
-        dropout=float(multimodal_params.get("dropout", 0.2)),
-        modality_dropout=float(multimodal_params.get("modality_dropout", 0.2)),
+        dropout=float(multimodal_params["dropout"]),
+        modality_dropout=float(multimodal_params["modality_dropout"]),
         text_head=text_head if fusion == "residual" else None,
     )

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline_steps import settings
 from pipeline_steps.errors import ConfigError, PipelineError
 from pipeline_steps.model_kinds import PRICE_KIND
 
@@ -97,24 +98,22 @@ class PromotionPolicy:
 
         Args:
             registry_params: `registry:` with `promotion.{classifier,price}_metric`, the per-family
-                margins `promotion.{classifier,price}_min_improvement` (a shared `min_improvement`
-                is the fallback: an accuracy point and a pound are different margins) and the
-                `champion_alias`/`challenger_alias` names.
+                margins `promotion.{classifier,price}_min_improvement` (an accuracy point and a pound
+                are different margins) and the `champion_alias`/`challenger_alias` names.
             kind: the model kind; `price` reads the price keys, every other kind the classifier ones.
 
         Returns:
             The policy, its direction taken from the metric (`higher_is_better`).
         """
-        promotion = registry_params.get("promotion") or {}
+        promotion = settings.section(settings.PromotionSettings, registry_params["promotion"], "registry.promotion")
         family = "price" if is_price_kind(kind) else "classifier"
-        metric = str(promotion.get(f"{family}_metric", "median_abs_error" if family == "price" else "accuracy"))
-        margin = promotion.get(f"{family}_min_improvement", promotion.get("min_improvement", 0.0))
+        metric = str(getattr(promotion, f"{family}_metric"))
         return cls(
             metric=metric,
             higher_is_better=higher_is_better(metric),
-            min_improvement=float(margin or 0.0),
-            champion_alias=str(registry_params.get("champion_alias", "champion")),
-            challenger_alias=str(registry_params.get("challenger_alias", "challenger")),
+            min_improvement=float(getattr(promotion, f"{family}_min_improvement")),
+            champion_alias=str(registry_params["champion_alias"]),
+            challenger_alias=str(registry_params["challenger_alias"]),
         )
 
     def as_kwargs(self) -> dict[str, Any]:

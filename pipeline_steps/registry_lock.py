@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_DB_ENV = "MLFLOW_REGISTRY_LOCK_DB"
 LOCK_SUFFIX = ".promotion-lock"
-DEFAULTS = {"lock_database_url": None, "lock_timeout_s": 300.0, "lock_lease_s": 120.0}
+LOCK_KEYS = ("lock_database_url", "lock_timeout_s", "lock_lease_s")  # params.yaml `team.lock_*`
 
 
 class PromotionLockTimeout(RuntimeError):
@@ -43,17 +43,13 @@ class PromotionLockTimeout(RuntimeError):
 
 
 def lock_settings(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """`team.lock_*` from params.yaml (the project's file when `params` is None), with defaults."""
+    """`team.lock_*` from params.yaml (the project's file when `params` is None; the schema requires them)."""
     if params is None:
-        try:
-            from pipeline_steps.config import load_params
+        from pipeline_steps.config import load_params
 
-            params = load_params()
-        except Exception:  # noqa: BLE001 - a missing/odd params file must not break promotion
-            params = {}
-    team = params.get("team") if isinstance(params, Mapping) else None
-    team = team if isinstance(team, Mapping) else {}
-    return {key: team.get(key, default) if team.get(key) is not None else default for key, default in DEFAULTS.items()}
+        params = load_params()
+    team = params["team"]
+    return {key: team[key] for key in LOCK_KEYS}
 
 
 def lock_key(name: str) -> int:

@@ -167,9 +167,13 @@ class ImageTrainSettings(Section):
 
 
 class WideSettings(Section):
-    """The TF-IDF ("wide") branch's knobs, shared by the text and multimodal models."""
+    """The TF-IDF ("wide") branch's knobs, shared by the text and multimodal models (the multimodal
+    model's vectoriser settings apply when its text tower has no wide branch to reuse)."""
 
     wide: StrictBool
+    wide_max_features: PositiveInt
+    wide_char_ngram_range: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
+    wide_title: StrictBool
     wide_lr: PositiveFloat
     wide_weight_decay: NonNegativeFloat
     wide_dropout: Probability
@@ -186,9 +190,6 @@ class TextTrainSettings(WideSettings):
     weight_decay: NonNegativeFloat
     hidden_dim: PositiveInt
     dropout: Probability
-    wide_max_features: PositiveInt
-    wide_char_ngram_range: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
-    wide_title: StrictBool
     label_smoothing: Probability | None = None  # None: train.label_smoothing
 
 
@@ -206,7 +207,7 @@ class MultimodalTrainSettings(WideSettings):
     fine_tune_towers: StrictBool
     tower_lr: PositiveFloat
     wide_init: Literal["tower", "zero"]
-    photo_calibration: Literal["none", "val"] = "none"  # issue 9: photo weight per class fitted on val
+    photo_calibration: Literal["none", "val"]  # issue 9: photo weight per class fitted on val
     label_smoothing: Probability | None = None  # None: train.label_smoothing
 
 
@@ -257,7 +258,7 @@ class PromotionSettings(Section):
 
 class RegistrySettings(Section):
     tracking_uri: str = Field(min_length=1)
-    artifact_root: str
+    artifact_root: str = Field(min_length=1)
     experiment: str = Field(min_length=1)
     model_prefix: str = Field(min_length=1)
     champion_alias: str = Field(min_length=1)

@@ -61,7 +61,7 @@ def image_embedder(settings: Mapping[str, Any]) -> Any:
     image = settings["train"]["image"]
     threads = settings["train"]["num_threads"] or 1  # null (one per core) -> 1 per Dask worker process
     torch.set_num_threads(int(threads))
-    spec = models.describe_weights(image["backbone"], image.get("weights"))
+    spec = models.describe_weights(image["backbone"], image["weights"])
     backbone, _ = models.build_backbone(image["backbone"], spec)
     preprocessor = models.build_image_preprocessor(image, spec)
     batch_size = int(settings["index"]["batch_size"])

@@ -48,16 +48,7 @@ SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 ACTIONS = ("strip", "reject")
 PRODUCT_TEXT_COLUMNS = ("product_name", "product_description", "category", "location")
 NEVER_ALTERED = ("id", "product_id", "price")
-DEFAULT_TEXT_PARAMS: dict[str, Any] = {
-    "control_chars": "strip",
-    "invalid_unicode": "reject",
-    "invisible_in_names": "strip",
-    "max_chars": {
-        "id": 100, "product_name": 500, "product_description": 20000,
-        "category": 500, "location": 200, "price": 50,
-    },
-    "truncate": ["product_name", "product_description"],
-}
+TEXT_KEYS = ("control_chars", "invalid_unicode", "invisible_in_names", "max_chars", "truncate")  # validation.text
 MAX_SHOWN_CHARS = 200  # a reject's value is cut to this (a 200,000-character description helps nobody)
 
 
@@ -78,9 +69,12 @@ class TextRules:
         return getattr(self, rule) == "reject"
 
 
-def text_rules(params: Mapping[str, Any] | None) -> TextRules:
-    """validation.text with defaults, checked; errors name the params.yaml key."""
-    raw = {**DEFAULT_TEXT_PARAMS, **dict(params or {})}
+def text_rules(params: Mapping[str, Any]) -> TextRules:
+    """validation.text, checked (every key required, as in params.yaml); errors name the params.yaml key."""
+    for key in TEXT_KEYS:
+        if key not in params:
+            raise ConfigError(f"params.yaml key 'validation.text.{key}' is missing (every knob has to be in params.yaml)")
+    raw = dict(params)
     for key in ("control_chars", "invalid_unicode", "invisible_in_names"):
         if raw[key] not in ACTIONS:
             raise ConfigError(f"params.yaml key 'validation.text.{key}' is {raw[key]!r}; expected one of {', '.join(ACTIONS)}")

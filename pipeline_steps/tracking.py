@@ -159,7 +159,7 @@ def configure_tracking(registry_params: Mapping[str, Any], root: str | Path = PR
             # A store the user chose keeps its artifacts beside its database, not in this project.
             artifact_dir = (db_path.parent / "artifacts").resolve()
         else:
-            artifact_dir = resolve_path(str(registry_params.get("artifact_root") or "mlruns/artifacts"), root).resolve()
+            artifact_dir = resolve_path(str(registry_params["artifact_root"]), root).resolve()
         artifact_dir.mkdir(parents=True, exist_ok=True)
         artifact_location = artifact_dir.as_uri()
 

@@ -93,16 +93,26 @@ def model_params(train_params: Mapping[str, Any], kind: str) -> dict[str, Any]:
     if not isinstance(train.get(kind), Mapping):
         raise ConfigError(f"params.yaml has no section 'train.{kind}'")
     shared = {key: value for key, value in train.items() if not isinstance(value, Mapping)}
-    return {**shared, **train[kind]}
+    # `train.<kind>.label_smoothing: null` (the schema's default) means "use train.label_smoothing"
+    section = {key: value for key, value in train[kind].items() if not (key == "label_smoothing" and value is None)}
+    return {**shared, **section}
 
 
-def _number(params: Mapping[str, Any], key: str, kind: str, default: Any = None, minimum: float = 0, integer: bool = False) -> Any:
-    value = params.get(key, default)
-    full_key = f"train.{kind}.{key}" if key not in ("seed", "early_stopping_patience", "num_workers", "num_threads") else f"train.{key}"
+def _number(params: Mapping[str, Any], key: str, kind: str, minimum: float = 0, integer: bool = False) -> Any:
+    full_key = f"train.{kind}.{key}" if key not in ("seed", "early_stopping_patience", "num_workers", "num_threads", "grad_clip", "label_smoothing") else f"train.{key}"
+    value = _required(params, key, full_key)
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum or (integer and int(value) != value):
         kind_of = "an integer" if integer else "a number"
         raise ConfigError(f"params.yaml key '{full_key}' must be {kind_of} >= {minimum}, got {value!r}")
     return int(value) if integer else float(value)
+
+
+def _required(params: Mapping[str, Any], key: str, full_key: str) -> Any:
+    """`params[key]`, or a ConfigError naming the params.yaml key (every knob is in params.yaml:
+    pipeline_steps/settings.py checks that at load, this names it for a hand-built dict)."""
+    if key not in params:
+        raise ConfigError(f"params.yaml key '{full_key}' is missing (every knob has to be in params.yaml)")
+    return params[key]
 
 
 @dataclass(frozen=True)
@@ -119,10 +129,10 @@ class LoopSettings:
     lr_schedule: str
     num_workers: int
     checkpoint_dir: Path
-    num_threads: int | None = None
+    num_threads: int | None
+    grad_clip: float
+    label_smoothing: float
     fingerprint: str = ""
-    grad_clip: float = 1.0
-    label_smoothing: float = 0.0
     progress: bool = True
 
 
@@ -138,16 +148,20 @@ def loop_settings(params: Mapping[str, Any], kind: str, progress: bool = True) -
         kind=kind,
         epochs=_number(params, "epochs", kind, minimum=1, integer=True),
         batch_size=_number(params, "batch_size", kind, minimum=1, integer=True),
-        seed=_number(params, "seed", kind, default=0, integer=True),
-        device=resolve_device(params.get("device", "auto")),
-        mixed_precision=bool(params.get("mixed_precision", True)),
-        patience=_number(params, "early_stopping_patience", kind, default=3, minimum=1, integer=True),
-        lr_schedule=require_choice(params.get("lr_schedule", "onecycle"), "train.lr_schedule", LR_SCHEDULES),
-        num_workers=_number(params, "num_workers", kind, default=0, integer=True),
-        num_threads=_number(params, "num_threads", kind, minimum=1, integer=True) if params.get("num_threads") is not None else None,
-        checkpoint_dir=resolve_path(params.get("checkpoints_dir", "artifacts/checkpoints")) / kind,
-        grad_clip=float(params.get("grad_clip", 1.0)),
-        label_smoothing=float(params.get("label_smoothing", 0.0)),
+        seed=_number(params, "seed", kind, integer=True),
+        device=resolve_device(_required(params, "device", "train.device")),
+        mixed_precision=bool(_required(params, "mixed_precision", "train.mixed_precision")),
+        patience=_number(params, "early_stopping_patience", kind, minimum=1, integer=True),
+        lr_schedule=require_choice(_required(params, "lr_schedule", "train.lr_schedule"), "train.lr_schedule", LR_SCHEDULES),
+        num_workers=_number(params, "num_workers", kind, integer=True),
+        num_threads=(
+            _number(params, "num_threads", kind, minimum=1, integer=True)
+            if _required(params, "num_threads", "train.num_threads") is not None
+            else None
+        ),
+        checkpoint_dir=resolve_path(_required(params, "checkpoints_dir", "train.checkpoints_dir")) / kind,
+        grad_clip=_number(params, "grad_clip", kind),
+        label_smoothing=_number(params, "label_smoothing", kind),
         progress=progress,
     )
 
@@ -542,7 +556,7 @@ SEARCH_EMBEDDINGS = ("auto", "backbone", "head")
 
 def image_features_dir(params: Mapping[str, Any]) -> Path:
     """`train.image.features_dir`: the frozen backbone's feature cache (train_image stage output)."""
-    return resolve_path(params.get("features_dir") or "artifacts/features/image")
+    return resolve_path(params["features_dir"])
 
 
 def resolve_image_mode(value: Any, device: torch.device, pretrained: bool = True) -> str:
@@ -555,7 +569,7 @@ def resolve_image_mode(value: Any, device: torch.device, pretrained: bool = True
 
 
 def _trainable_blocks(params: Mapping[str, Any]) -> int | str:
-    value = params.get("trainable_blocks", 1)
+    value = params["trainable_blocks"]
     if value == "all":
         return "all"
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -648,15 +662,15 @@ def train_image_classifier(
     `trainable_blocks` blocks (or all) train with augmentation, mixed precision on CUDA.
     """
     params = model_params(train_params, "image")
-    backbone = models.check_backbone(params.get("backbone", "resnet18"))
-    weights_spec = models.describe_weights(backbone, params.get("weights"))
-    augmentation = models.check_augmentation(params.get("augmentation", []))
-    require_choice(params.get("freeze_backbone", "auto"), "train.image.freeze_backbone", models.FREEZE_CHOICES)
-    search_choice = require_choice(params.get("search_embedding", "auto"), "train.image.search_embedding", SEARCH_EMBEDDINGS)
+    backbone = models.check_backbone(params["backbone"])
+    weights_spec = models.describe_weights(backbone, params["weights"])
+    augmentation = models.check_augmentation(params["augmentation"])
+    require_choice(params["freeze_backbone"], "train.image.freeze_backbone", models.FREEZE_CHOICES)
+    search_choice = require_choice(params["search_embedding"], "train.image.search_embedding", SEARCH_EMBEDDINGS)
     trainable_blocks = _trainable_blocks(params)
-    lr, weight_decay = _number(params, "lr", "image"), _number(params, "weight_decay", "image", default=0.0)
+    lr, weight_decay = _number(params, "lr", "image"), _number(params, "weight_decay", "image")
     settings = loop_settings(params, "image", progress)
-    mode = resolve_image_mode(params.get("mode", "auto"), settings.device, weights_spec["type"] != "none")
+    mode = resolve_image_mode(params["mode"], settings.device, weights_spec["type"] != "none")
     models.build_image_preprocessor(params, weights_spec)  # checks input_size before any data is read
 
     data = ds.load_clean(clean_dir)
@@ -688,7 +702,7 @@ def train_image_classifier(
             groups = [{"params": head, "lr": lr, "weight_decay": weight_decay}]
             outcome = fit(FeatureHead(model), groups, train_set, val_set, ds.collate_tensor_dicts, settings, resume, on_epoch_end)
         else:
-            freeze = params.get("freeze_backbone", "auto")
+            freeze = params["freeze_backbone"]
             if trainable_blocks != "all" and (freeze is True or (freeze == "auto" and weights_spec["type"] != "none")):
                 model.freeze_all_but_last_block(int(trainable_blocks))
             train_set = ds.image_dataset(data, "train", models.TrainImageTransform(preprocessor, augmentation))
@@ -712,8 +726,8 @@ def train_image_classifier(
                 "backbone": backbone,
                 "feature_dim": model.feature_dim,
                 "embedding_dim": model.embedding_dim,
-                "dropout": float(params.get("dropout", 0.2)),
-                "feature_dropout": float(params.get("feature_dropout", 0.0) or 0.0),
+                "dropout": float(params["dropout"]),
+                "feature_dropout": float(params["feature_dropout"]),
                 "n_classes": len(data.classes),
                 "initial_weights": weights_spec,
                 "mode": mode,
@@ -738,16 +752,20 @@ def train_image_classifier(
 
 
 def wide_enabled(params: Mapping[str, Any], kind: str) -> bool:
-    """`train.<kind>.wide` (default false: a params.yaml without the key trains the deep model only)."""
-    return bool(require_choice(params.get("wide", False), f"train.{kind}.wide", (True, False)))
+    """`train.<kind>.wide`: true adds the TF-IDF branch, false trains the deep model only."""
+    return bool(require_choice(_required(params, "wide", f"train.{kind}.wide"), f"train.{kind}.wide", (True, False)))
 
 
 def wide_settings(params: Mapping[str, Any], kind: str) -> dict[str, Any]:
-    """The TF-IDF vectoriser settings of the wide branch, from `train.<kind>.wide_*` (checked)."""
+    """The TF-IDF vectoriser settings of the wide branch, from `train.<kind>.wide_*` (checked).
+
+    `wide_max_features`, `wide_char_ngram_range` and `wide_title` are params.yaml knobs; the word
+    n-gram range, sublinear tf and the char min_df are fixed (models.WIDE_DEFAULTS).
+    """
     settings = dict(models.WIDE_DEFAULTS)
-    settings["max_features"] = _number(params, "wide_max_features", kind, default=settings["max_features"], minimum=1, integer=True)
-    for key in ("word_ngram_range", "char_ngram_range"):
-        value = params.get(f"wide_{key}", settings[key])
+    settings["max_features"] = _number(params, "wide_max_features", kind, minimum=1, integer=True)
+    for key in ("char_ngram_range",):
+        value = _required(params, f"wide_{key}", f"train.{kind}.wide_{key}")
         if (
             not isinstance(value, (list, tuple))
             or len(value) != 2
@@ -756,16 +774,16 @@ def wide_settings(params: Mapping[str, Any], kind: str) -> dict[str, Any]:
         ):
             raise ConfigError(f"params.yaml key 'train.{kind}.wide_{key}' must be [low, high] with 1 <= low <= high, got {value!r}")
         settings[key] = [int(v) for v in value]
-    settings["title"] = bool(require_choice(params.get("wide_title", settings["title"]), f"train.{kind}.wide_title", (True, False)))
+    settings["title"] = bool(require_choice(_required(params, "wide_title", f"train.{kind}.wide_title"), f"train.{kind}.wide_title", (True, False)))
     return settings
 
 
 def wide_optimizer_settings(params: Mapping[str, Any], kind: str, lr: float) -> dict[str, float]:
     """AdamW lr / weight decay of the wide layer, and the dropout on its features."""
     return {
-        "lr": _number(params, "wide_lr", kind, default=lr),
-        "weight_decay": _number(params, "wide_weight_decay", kind, default=0.0),
-        "dropout": _number(params, "wide_dropout", kind, default=0.0),
+        "lr": _number(params, "wide_lr", kind),
+        "weight_decay": _number(params, "wide_weight_decay", kind),
+        "dropout": _number(params, "wide_dropout", kind),
     }
 
 
@@ -833,14 +851,14 @@ def _wide_architecture(featurizer: models.WideFeaturizer | None, wide_opt: Mappi
         return None
     return {
         **featurizer.to_config(),
-        "dropout": float((wide_opt or {}).get("dropout", 0.0)),
+        "dropout": float(wide_opt["dropout"]) if wide_opt else 0.0,
         "source": source,
         "logits": "added to the deep head's logits (0 for a row without text)",
     }
 
 
 def _embedding_cache_dir(params: Mapping[str, Any]) -> Path:
-    return resolve_path(params.get("checkpoints_dir", "artifacts/checkpoints")) / "embedding_cache"
+    return resolve_path(params["checkpoints_dir"]) / "embedding_cache"
 
 
 def train_text_classifier(
@@ -853,12 +871,12 @@ def train_text_classifier(
 ) -> TrainResult:
     """Train the text classifier (one example per product, `text` column) and save it to `out_dir`."""
     params = model_params(train_params, "text")
-    encoder_name = params.get("encoder", models.DEFAULT_TEXT_ENCODER)
+    encoder_name = _required(params, "encoder", "train.text.encoder")
     models.resolve_encoder_source(encoder_name)
-    max_length = _number(params, "max_length", "text", default=128, minimum=8, integer=True)
-    fine_tune = bool(params.get("fine_tune", False))
-    lr, weight_decay = _number(params, "lr", "text"), _number(params, "weight_decay", "text", default=0.0)
-    encoder_lr = _number(params, "encoder_lr", "text", default=3e-5) if fine_tune else 0.0
+    max_length = _number(params, "max_length", "text", minimum=8, integer=True)
+    fine_tune = bool(params["fine_tune"])
+    lr, weight_decay = _number(params, "lr", "text"), _number(params, "weight_decay", "text")
+    encoder_lr = _number(params, "encoder_lr", "text") if fine_tune else 0.0
     use_wide = wide_enabled(params, "text")
     wide_config = wide_settings(params, "text") if use_wide else None
     wide_opt = wide_optimizer_settings(params, "text", lr) if use_wide else None
@@ -917,8 +935,8 @@ def train_text_classifier(
                 "encoder": encoder_name,
                 "encoder_dir": "encoder",
                 "fine_tuned": fine_tune,
-                "hidden_dim": int(params.get("hidden_dim", 256)),
-                "dropout": float(params.get("dropout", 0.1)),
+                "hidden_dim": int(params["hidden_dim"]),
+                "dropout": float(params["dropout"]),
                 "n_classes": len(data.classes),
                 "embedding": "mean of the encoder's token vectors over the attention mask",
                 "wide": _wide_architecture(featurizer, wide_opt, "fitted on the train split"),
@@ -988,12 +1006,12 @@ def train_multimodal_classifier(
     from pipeline_steps.inference import load_model_module  # rebuilds a trained tower; no training code there
 
     params = model_params(train_params, "multimodal")
-    pooling = require_choice(params.get("image_pooling", "mean"), "train.multimodal.image_pooling", models.IMAGE_POOLING)
-    image_input = require_choice(params.get("image_input", "head"), "train.multimodal.image_input", models.IMAGE_INPUTS)
-    fine_tune = bool(params.get("fine_tune_towers", False))
-    photo_calibration = require_choice(params.get("photo_calibration", "none"), "train.multimodal.photo_calibration", PHOTO_CALIBRATIONS)
-    lr, weight_decay = _number(params, "lr", "multimodal"), _number(params, "weight_decay", "multimodal", default=0.0)
-    tower_lr = _number(params, "tower_lr", "multimodal", default=1e-4) if fine_tune else 0.0
+    pooling = require_choice(params["image_pooling"], "train.multimodal.image_pooling", models.IMAGE_POOLING)
+    image_input = require_choice(params["image_input"], "train.multimodal.image_input", models.IMAGE_INPUTS)
+    fine_tune = bool(params["fine_tune_towers"])
+    photo_calibration = require_choice(params["photo_calibration"], "train.multimodal.photo_calibration", PHOTO_CALIBRATIONS)
+    lr, weight_decay = _number(params, "lr", "multimodal"), _number(params, "weight_decay", "multimodal")
+    tower_lr = _number(params, "tower_lr", "multimodal") if fine_tune else 0.0
     use_wide = wide_enabled(params, "multimodal")
     wide_opt = wide_optimizer_settings(params, "multimodal", lr) if use_wide else None
     settings = loop_settings(params, "multimodal", progress)
@@ -1085,7 +1103,7 @@ def train_multimodal_classifier(
                 "image_input": image_input,
                 "fusion": "residual" if fusion.residual else "concat",
                 "hidden_dim": fusion.embedding_dim,
-                "dropout": float(params.get("dropout", 0.2)),
+                "dropout": float(params["dropout"]),
                 "modality_dropout": fusion.modality_dropout,
                 "towers_fine_tuned": fine_tune,
                 "photo_calibration": calibration,
@@ -1213,9 +1231,9 @@ def _multimodal_wide(
     """
     if not use_wide:
         return None, None, ""
-    init = require_choice(params.get("wide_init", "tower"), "train.multimodal.wide_init", ("tower", "zero"))
+    init = require_choice(params["wide_init"], "train.multimodal.wide_init", ("tower", "zero"))
     tower_wide = getattr(text_loaded.module, "wide", None)
-    dropout = float((wide_opt or {}).get("dropout", 0.0))
+    dropout = float(wide_opt["dropout"]) if wide_opt else 0.0
     if text_loaded.wide is not None and tower_wide is not None:
         featurizer = text_loaded.wide
         wide = models.WideLinear(featurizer.n_features, n_classes, dropout)

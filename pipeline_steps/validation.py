@@ -248,7 +248,7 @@ def _collect(name: str, validation_result: Any) -> SuiteResult:
 
 def product_checks(params: Mapping[str, Any]) -> list[Check]:
     """Products.csv rules, in the order their reasons win."""
-    location_severity = REJECT if params.get("location_requires_county", False) else WARN
+    location_severity = REJECT if params["location_requires_county"] else WARN
     return [
         _check("id_missing", "id", gxe.ExpectColumnValuesToNotBeNull, "id is empty"),
         _check("id_duplicate", "id", gxe.ExpectColumnValuesToBeUnique, "id {value!r} appears more than once"),
@@ -816,7 +816,7 @@ def check_validation_params(validation_params: Mapping[str, Any]) -> dict[str, A
     if params["min_image_side"] > params["max_image_side"]:
         raise ConfigError("params.yaml: validation.min_image_side is larger than validation.max_image_side")
     params["allowed_image_modes"] = [str(mode) for mode in params["allowed_image_modes"]]
-    params["text"] = text_rules(params.get("text"))
+    params["text"] = text_rules(params["text"])
     return params
 
 

@@ -184,3 +184,17 @@ def test_write_on_a_copy_changes_only_code_deps(tmp_path: Path) -> None:
         assert [dep for dep in new.get("deps", []) if not stage_deps.is_code_dep(stage_deps._dep_name(dep))] == kept, name
     original_comments = [line.strip() for line in DVC_YAML.read_text().splitlines() if line.strip().startswith("#")]
     assert [line.strip() for line in copy.read_text().splitlines() if line.strip().startswith("#")] == original_comments
+
+
+def test_neural_train_stages_list_the_train_level_knobs_their_loop_reads() -> None:
+    """`train.grad_clip` and `train.label_smoothing` (issue 10: once code defaults) change what is
+    learned, so changing them must re-run every neural train stage."""
+    import yaml
+
+    from pipeline_steps.model_kinds import NEURAL_KINDS
+
+    stages = yaml.safe_load(DVC_YAML.read_text(encoding="utf-8"))["stages"]
+    for kind in NEURAL_KINDS:
+        listed = set(stages[f"train_{kind}"]["params"])
+        missing = {"train.seed", "train.lr_schedule", "train.grad_clip", "train.label_smoothing", f"train.{kind}"} - listed
+        assert not missing, f"dvc.yaml stage train_{kind} does not list {sorted(missing)} in its params"

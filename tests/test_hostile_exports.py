@@ -35,12 +35,13 @@ from PIL import Image
 from pipeline_steps.cleaning import clean_products
 from pipeline_steps.errors import PipelineError
 from pipeline_steps.raw_io import read_products_csv
-from pipeline_steps.text_hygiene import CONTROL_REGEX, DEFAULT_TEXT_PARAMS, INVALID_REGEX, INVISIBLE_REGEX
+from pipeline_steps.text_hygiene import CONTROL_REGEX, INVALID_REGEX, INVISIBLE_REGEX
 from pipeline_steps.validation import validate_raw
+from tests.test_validation import TEXT
 
 HEADER = ["", "id", "product_name", "category", "product_description", "price", "location"]
 IMAGE_HEADER = ["", "id", "product_id"]
-LIMITS = DEFAULT_TEXT_PARAMS["max_chars"]
+LIMITS = TEXT["max_chars"]
 BAD_BYTE_MARK = "\ue000"  # replaced by an undecodable byte after encoding (UTF-8 files only)
 PARAMS: dict[str, Any] = {
     "max_reject_fraction": 1.0,  # the point is accounting for every row, not stopping
@@ -49,6 +50,7 @@ PARAMS: dict[str, Any] = {
     "max_image_pixels": 40_000_000,
     "allowed_image_modes": ["RGB", "L"],
     "location_requires_county": False,
+    "text": TEXT,
 }
 CLEANING = {"min_products_per_class": 1, "dedupe_subset": ["product_name", "location", "product_description", "price"],
             "text": {"strip_gumtree_suffix": True}, "price_outlier": {"max_price": 100000.0, "min_price": 0.0}}

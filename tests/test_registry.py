@@ -47,8 +47,14 @@ REGISTRY_PARAMS = {
     "model_prefix": "marketplace",
     "champion_alias": "champion",
     "challenger_alias": "challenger",
-    "promotion": {"classifier_metric": "accuracy", "price_metric": "median_abs_error", "min_improvement": 0.0},
+    "promotion": {"classifier_metric": "accuracy", "price_metric": "median_abs_error",
+                  "classifier_min_improvement": 0.0, "price_min_improvement": 0.0},
 }
+
+
+def _promotion(**overrides: object) -> dict:
+    """A complete `registry.promotion` section: REGISTRY_PARAMS' values with `overrides`."""
+    return {**REGISTRY_PARAMS["promotion"], **overrides}
 SPLIT = split_hash(range(30))
 
 
@@ -219,13 +225,16 @@ def test_promotion_settings():
 
 
 def test_promotion_margins_are_per_metric():
-    """One accuracy point and one pound are different margins; a shared key is the fallback."""
-    params = {**REGISTRY_PARAMS, "promotion": {"classifier_min_improvement": 0.01, "price_min_improvement": 2.5}}
+    """One accuracy point and one pound are different margins; the old shared key is named, not read."""
+    params = {**REGISTRY_PARAMS, "promotion": _promotion(classifier_min_improvement=0.01, price_min_improvement=2.5)}
     assert promotion_settings(params, "text")["min_improvement"] == 0.01
     assert promotion_settings(params, "price")["min_improvement"] == 2.5
-    legacy = {**REGISTRY_PARAMS, "promotion": {"min_improvement": 0.02}}
-    assert promotion_settings(legacy, "image")["min_improvement"] == 0.02
-    assert promotion_settings(legacy, "price")["min_improvement"] == 0.02
+    # issue 10: the schema has no shared `min_improvement` (it would be a silent fallback): an unknown key
+    legacy = {**REGISTRY_PARAMS, "promotion": _promotion(min_improvement=0.02)}
+    with pytest.raises(ConfigError, match="registry.promotion.min_improvement"):
+        promotion_settings(legacy, "image")
+    with pytest.raises(ConfigError, match="registry.promotion.min_improvement"):
+        promotion_settings(legacy, "price")
 
 
 def test_run_tags_outside_git_uses_content_hash(tmp_path):
@@ -420,17 +429,17 @@ def test_champion_value_falls_back_to_run_metrics(store):
 
 def test_classifier_log_loss_is_lower_is_better():
     """`classifier_metric: log_loss` must promote the LOWER log-loss (before: every classifier metric went up)."""
-    params = {**REGISTRY_PARAMS, "promotion": {"classifier_metric": "log_loss", "price_metric": "median_abs_error"}}
+    params = {**REGISTRY_PARAMS, "promotion": _promotion(classifier_metric="log_loss", price_metric="median_abs_error")}
     settings = promotion_settings(params, "text")
     assert settings["metric"] == "log_loss" and settings["higher_is_better"] is False
     # and a price model judged by a score goes up
-    score = {**REGISTRY_PARAMS, "promotion": {"price_metric": "r2_log"}}
+    score = {**REGISTRY_PARAMS, "promotion": _promotion(price_metric="r2_log")}
     assert promotion_settings(score, "price")["higher_is_better"] is True
 
 
 def test_log_loss_promotion_keeps_the_better_champion(store):
     name = "log-loss-judged-classifier"
-    settings = promotion_settings({**REGISTRY_PARAMS, "promotion": {"classifier_metric": "log_loss"}}, "text")
+    settings = promotion_settings({**REGISTRY_PARAMS, "promotion": _promotion(classifier_metric="log_loss")}, "text")
     first = _register(store, name, 0.50, metric="log_loss")
     assert promote(name, first.version, **settings).promoted
     worse = _register(store, name, 0.90, metric="log_loss")
@@ -454,7 +463,7 @@ def test_metric_directions():
     with pytest.raises(ConfigError, match="accepted"):
         promotion.higher_is_better("vibes")
     with pytest.raises(ConfigError, match="vibes"):
-        promotion_settings({**REGISTRY_PARAMS, "promotion": {"classifier_metric": "vibes"}}, "image")
+        promotion_settings({**REGISTRY_PARAMS, "promotion": _promotion(classifier_metric="vibes")}, "image")
 
 
 def test_decide_is_pure_and_explains_itself():

@@ -44,6 +44,11 @@ def test_the_project_params_are_valid_and_typed() -> None:
         (lambda p: p["cleaning"]["split"].update(val_fraction=0.9), "val_fraction + test_fraction must leave rows"),
         (lambda p: p["index"].update(kinds=["image", "audio"]), "key 'index.kinds.1' is 'audio'"),
         (lambda p: p["index"]["ranking"].update(fit_metric="recall@10"), "key 'index.ranking.fit_metric' is 'recall@10'"),
+        # issue 10: once code defaults, now required
+        (lambda p: p["train"]["multimodal"].pop("photo_calibration"), "key 'train.multimodal.photo_calibration' is missing"),
+        (lambda p: p["train"].pop("grad_clip"), "key 'train.grad_clip' is missing"),
+        (lambda p: p["train"]["multimodal"].pop("wide_max_features"), "key 'train.multimodal.wide_max_features' is missing"),
+        (lambda p: p["registry"].update(artifact_root=""), "key 'registry.artifact_root' is ''"),
     ],
 )
 def test_a_bad_value_is_refused_with_its_key_and_what_is_accepted(edit, expected: str) -> None:  # noqa: ANN001

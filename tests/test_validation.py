@@ -33,6 +33,14 @@ from pipeline_steps.validation import (
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "marketplace"
+#: validation.text: the values text_hygiene used to default to (the same as params.yaml's)
+TEXT: dict[str, Any] = {
+    "control_chars": "strip",
+    "invalid_unicode": "reject",
+    "invisible_in_names": "strip",
+    "max_chars": {"id": 100, "product_name": 500, "product_description": 20000, "category": 500, "location": 200, "price": 50},
+    "truncate": ["product_name", "product_description"],
+}
 PARAMS: dict[str, Any] = {
     "max_reject_fraction": 0.15,
     "min_image_side": 32,
@@ -40,6 +48,7 @@ PARAMS: dict[str, Any] = {
     "max_image_pixels": 40_000_000,
     "allowed_image_modes": ["RGB", "L", "RGBA", "P", "CMYK", "LA", "I;16"],
     "location_requires_county": False,
+    "text": TEXT,
 }
 
 
