@@ -61,6 +61,10 @@ class PrefectApiError(PipelineError):
     """The Prefect API named by PREFECT_API_URL does not answer, or a server could not start."""
 
 
+class PortTaken(PrefectApiError):
+    """Another process took the chosen port while our server was starting (it then moves on)."""
+
+
 def api_is_healthy(api_url: str, timeout: float = 2.0) -> bool:
     """True when ``<api_url>/health`` answers 200 within `timeout` seconds."""
     try:
@@ -100,6 +104,44 @@ def choose_port(preferred: int, host: str = "127.0.0.1", tries: int = 50) -> int
                 print(f"prefect-server: port {preferred} is taken; using {port} (set PREFECT_PORT to choose)", file=sys.stderr)
             return port
     raise PrefectApiError(f"ports {preferred}-{preferred + tries - 1} on {host} are all taken; set PREFECT_PORT to a free port")
+
+
+def listening_inodes(port: int) -> set[str] | None:
+    """Socket inodes listening on TCP `port` (from /proc/net/tcp*); None where /proc cannot tell."""
+    inodes: set[str] = set()
+    found_table = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found_table = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes if found_table else None
+
+
+def session_listens_on(session: int, port: int) -> bool:
+    """True when a process of `session` (a server started with start_new_session) holds the
+    socket listening on `port`. True where /proc cannot tell (not Linux): the old behaviour."""
+    inodes = listening_inodes(port)
+    if inodes is None:
+        return True
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) != session:
+                continue
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in wanted:
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 #: Background services a server started for one pipeline run does not need (schedules, late-run
@@ -154,8 +196,13 @@ def start_server(port: int, env: Mapping[str, str], log_path: Path, startup_time
             next_note += 30
         if process.poll() is not None:
             tail = log_path.read_text(errors="replace")[-2000:]
+            if not port_is_free(port):
+                raise PortTaken(f"port {port} was taken by another process while our server started")
             raise PrefectApiError(f"`prefect server start` on port {port} exited with code {process.returncode}:\n{tail}")
-        if api_is_healthy(api_url, timeout=5.0):  # a loaded server can take seconds to answer
+        # A loaded server can take seconds to answer. The answer must come from *our* server:
+        # another wrapper that found the same port free at the same moment may own it, and ours
+        # then fails to bind (seen with two `make demo`s on one machine).
+        if api_is_healthy(api_url, timeout=5.0) and session_listens_on(process.pid, port):
             return process
         time.sleep(0.5)
     stop_process_group(process)
@@ -205,10 +252,19 @@ def prefect_api(port: int | None = None, log_path: Path | None = None, keep: boo
     env = server_env(port)
     log_path = log_path or Path(env["PREFECT_HOME"]) / "server.log"
     started = time.monotonic()
-    runner = StageRunner.start(env)  # imports the stages while the server starts
     server: subprocess.Popen | None = None
+    for _attempt in range(5):
+        try:
+            server = start_server(port, env, log_path)
+            break
+        except PortTaken as taken:
+            print(f"prefect-server: {taken}; trying the next free port", file=sys.stderr)
+            port = choose_port(port + 1)
+            env = server_env(port)
+    else:
+        raise PrefectApiError("could not start a Prefect server: the free ports kept being taken")
+    runner = StageRunner.start(env)
     try:
-        server = start_server(port, env, log_path)
         print(f"prefect-server: Prefect UI at http://127.0.0.1:{port} (up in {time.monotonic() - started:.0f} s)", file=sys.stderr)
         env[SERVER_PID_ENV] = str(server.pid)
         runner.wait_ready(env)

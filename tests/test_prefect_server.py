@@ -291,3 +291,46 @@ def test_sigterm_to_dvc_repro_stops_its_stage_and_the_next_repro_finishes(tmp_pa
     again = subprocess.run([str(dvc), "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert (project / "out" / "Products.csv").is_file()
+
+
+@pytest.mark.integration
+def test_a_port_held_by_another_session_is_not_taken_for_our_server() -> None:
+    """The health probe can be answered by someone else's server on the same port: ownership is checked."""
+    port = _free_port()
+    listener = subprocess.Popen(
+        [sys.executable, "-c", f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "up"
+        assert prefect_server.session_listens_on(listener.pid, port)
+        assert not prefect_server.session_listens_on(os.getsid(0), port)
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+@pytest.mark.integration
+def test_two_wrappers_asking_for_one_port_each_get_their_own_server(tmp_path: Path) -> None:
+    """Two `make demo`s at once: both find the port free, one binds it; the other must not use
+    the first one's server (its runs would land in the wrong database) but move to the next port."""
+    port = _free_port()
+    # Each command waits until both are running, so both servers are up at the same time (a
+    # wrapper finishing first would free the port, and the other could then use it legitimately).
+    command = (
+        f"echo API $PREFECT_API_URL; touch {tmp_path}/up-$PREFECT_HOME_TAG; "
+        f"for i in $(seq 300); do [ -e {tmp_path}/up-0 ] && [ -e {tmp_path}/up-1 ] && break; sleep 1; done"
+    )
+    wrappers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.prefect_server", "--port", str(port), "--", "bash", "-c", command],
+            cwd=ROOT, env=_env_without_api(PREFECT_HOME=str(tmp_path / f"home-{i}"), PYTHONPATH=str(ROOT), PREFECT_HOME_TAG=str(i)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [w.communicate(timeout=600) for w in wrappers]
+    for wrapper, (out, err) in zip(wrappers, outputs, strict=True):
+        assert wrapper.returncode == 0, err[-3000:]
+    urls = [line.split()[1] for out, _ in outputs for line in out.splitlines() if line.startswith("API ")]
+    assert len(urls) == 2 and len(set(urls)) == 2, (urls, [err[-1500:] for _, err in outputs])
