@@ -108,7 +108,7 @@ def to_markdown(report: dict, baseline: dict | None = None) -> str:
         f"| demo pipeline after the install (server + sample + all stages) | **{report['pipeline_wall_s'] / 60:.1f} min** | ≤ 8 min |",
         f"| `make repro` with nothing changed (server start included) | **{report['repro_unchanged_make_s']:.0f} s** | ≤ 30 s |",
         f"| plain `dvc repro` with nothing changed | {report['repro_unchanged_plain_s']:.0f} s | |",
-        f"| Prefect server start (once per run; the stage runner imports the stages meanwhile) | {report['prefect_server_start_s']:.0f} s | |",
+        f"| Prefect server start (once per run) | {report['prefect_server_start_s']:.0f} s | |",
         "",
         f"Stage runner (flows/stage_runner.py): {'on' if report.get('stage_runner') else 'off'}.",
         "",
@@ -127,8 +127,9 @@ def to_markdown(report: dict, baseline: dict | None = None) -> str:
     if baseline:
         lines += [
             "",
-            f"The same run without the stage runner (`--no-runner`, run just before, load average at start"
-            f" {baseline['machine']['load_avg_at_start'][0]:.1f}): each stage imports its own libraries.",
+            f"The same run without the stage runner (`--no-runner`, same machine and caches, started"
+            f" {baseline['started'][:16]} UTC, load average at start {baseline['machine']['load_avg_at_start'][0]:.1f}):"
+            " each stage imports its own libraries, some of them inside its tasks (hence the flows' own work differs too).",
             "",
             "| | without the runner | with it |",
             "|---|---:|---:|",
