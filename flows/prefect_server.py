@@ -240,7 +240,8 @@ def prefect_api(port: int | None = None, log_path: Path | None = None, keep: boo
         require_api(configured)
         env = dict(os.environ)
         runtime_env.apply(env)
-        runner = StageRunner.start(env)
+        # Nested (`make demo` runs `make repro`, itself wrapped): the outer runner serves on.
+        runner = StageRunner(None, None, None) if StageRunner.serving(env) else StageRunner.start(env)
         try:
             runner.wait_ready(env)
             yield env
@@ -285,6 +286,14 @@ class StageRunner:
 
     def __init__(self, process: subprocess.Popen | None, socket_path: Path | None, log_path: Path | None) -> None:
         self.process, self.socket_path, self.log_path = process, socket_path, log_path
+
+    @staticmethod
+    def serving(env: Mapping[str, str]) -> bool:
+        """True when `env` already names a runner's socket that exists (an outer wrapper's)."""
+        from flows.stage_client import RUNNER_ENV
+
+        path = env.get(RUNNER_ENV, "")
+        return bool(path) and path != "off" and Path(path).exists()
 
     @classmethod
     def start(cls, env: Mapping[str, str]) -> StageRunner:

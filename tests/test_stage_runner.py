@@ -128,3 +128,18 @@ def test_stages_handed_to_the_runner_behave_like_their_own_process(tmp_path: Pat
     runner_pid = int(re.search(r"ready \(pid (\d+)", log).group(1))
     with pytest.raises(ProcessLookupError):
         os.kill(runner_pid, 0)
+
+
+@pytest.mark.integration
+def test_a_nested_wrapper_uses_the_outer_runner(tmp_path: Path) -> None:
+    """`make demo` wraps `make repro`, which wraps `dvc repro` again: one runner, not two."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MARKETPLACE_STAGE_RUNNER")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(ROOT)}
+    wrap = f"{sys.executable} -m flows.prefect_server"
+    command = f"echo OUTER $MARKETPLACE_STAGE_RUNNER; {wrap} -- bash -c 'echo INNER $MARKETPLACE_STAGE_RUNNER'"
+    proc = subprocess.run([sys.executable, "-m", "flows.prefect_server", "--port", str(_free_port()), "--", "bash", "-c", command],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("OUTER", "INNER")))
+    assert seen["OUTER"].endswith("runner.sock") and seen["INNER"] == seen["OUTER"]
+    assert proc.stderr.count("stage runner ready") == 1
