@@ -24,7 +24,7 @@ export DVC_NO_ANALYTICS := 1
 # Stages to run (default: all); e.g. `make demo TARGETS=clean` stops after the clean stage.
 TARGETS ?=
 
-.PHONY: install demo repro sample pipeline test test-fast test-integration browser-deps prefect-server prefect-deploy mlflow-ui serve build metrics bench clean-outputs
+.PHONY: install demo repro sample pipeline deps test test-fast test-integration browser-deps prefect-server prefect-deploy mlflow-ui serve build metrics bench clean-outputs
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,11 @@ test: install browser-deps
 	$(BIN)/pytest
 
 ## The tiers are pytest markers (docs/ARCHITECTURE.md, "Tests in tiers"): unit = no marker.
+## dvc.yaml's code deps = each stage's import closure (tools/stage_deps.py); tests/test_dvc_deps.py
+## fails when they drift: run this after adding, moving or renaming a module.
+deps: install
+	$(BIN)/python -m tools.stage_deps --write
+
 test-fast: install
 	$(BIN)/pytest -m "not integration and not browser and not realdata and not slow"
 
