@@ -76,7 +76,8 @@ def still_running(pid: int, started: int | None) -> bool:
 
 def watch_list(pids: list[int]) -> str:
     """The WATCH_PIDS_ENV value for these processes (each with its start time)."""
-    return ",".join(f"{pid}:{start_time(pid) if start_time(pid) is not None else ''}" for pid in pids)
+    starts = {pid: start_time(pid) for pid in pids}
+    return ",".join(f"{pid}:{'' if start is None else start}" for pid, start in starts.items())
 
 
 def watch_list_from_env(environ: dict[str, str] | None = None) -> list[tuple[int, int | None]]:

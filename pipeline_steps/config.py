@@ -30,6 +30,18 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
     Raises:
         ConfigError: the file is missing, not a mapping, or breaks the schema (every bad key named).
     """
+    params, _ = _load_checked(path)
+    return params
+
+
+def load_settings(path: str | Path | None = None) -> Any:
+    """params.yaml as typed settings (pipeline_steps.settings.Settings): attributes, not dict keys."""
+    _, typed = _load_checked(path)
+    return typed
+
+
+def _load_checked(path: str | Path | None) -> tuple[dict[str, Any], Any]:
+    """(the parsed mapping, its typed settings): read and validated once."""
     from pipeline_steps import settings
 
     params_path = Path(path) if path is not None else DEFAULT_PARAMS
@@ -39,15 +51,7 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
         params = yaml.safe_load(handle) or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{params_path} must hold a mapping at the top level")
-    settings.validate(params, source=str(params_path))
-    return params
-
-
-def load_settings(path: str | Path | None = None) -> Any:
-    """params.yaml as typed settings (pipeline_steps.settings.Settings): attributes, not dict keys."""
-    from pipeline_steps import settings
-
-    return settings.validate(load_params(path), source=str(path or DEFAULT_PARAMS))
+    return params, settings.validate(params, source=str(params_path))
 
 
 def get(params: Mapping[str, Any], dotted_key: str) -> Any:
