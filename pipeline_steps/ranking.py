@@ -119,6 +119,8 @@ class RankingSettings:
     neighbour_weight: float | None
     neighbour_weight_grid: tuple[float, ...]
     neighbour_k: int
+    similar_photo_weight: float | None
+    similar_photo_weight_grid: tuple[float, ...]
     k1: float
     b: float
     title_weight: int
@@ -148,11 +150,19 @@ class RankingSettings:
             neighbour_weight=weight(ranking.neighbour_weight),
             neighbour_weight_grid=tuple(ranking.neighbour_weight_grid),
             neighbour_k=ranking.neighbour_k,
+            similar_photo_weight=weight(ranking.similar_photo_weight),
+            similar_photo_weight_grid=tuple(ranking.similar_photo_weight_grid),
             k1=lexical.k1,
             b=lexical.b,
             title_weight=lexical.title_weight,
             min_df=lexical.min_df,
         )
+
+    def similar_weights(self) -> list[float]:
+        """The photo weights "more like this" chooses from on val (a fixed value stays fixed)."""
+        if self.similar_photo_weight is not None:
+            return [self.similar_photo_weight]
+        return list(dict.fromkeys(self.similar_photo_weight_grid))
 
     def candidate_configs(self, has_lexical: bool) -> list[RankingConfig]:
         """Every configuration the val split chooses from (fixed values stay fixed)."""
@@ -168,6 +178,35 @@ class RankingSettings:
             for lex, cat, nb in itertools.product(lexes, cat_grid, nb_grid):
                 configs.append(RankingConfig(fusion, lex, cat, self.n_candidates, self.rrf_k, "val", nb, self.neighbour_k))
         return configs
+
+
+@dataclass
+class SimilarConfig:
+    """"More like this listing": the text index's candidates and classifier fused with the multimodal
+    (text + photos) index's, ``(1 - photo_weight) * text + photo_weight * multimodal`` for both the
+    cosines (pipeline_steps.ranking.fuse_dense) and P(category), then ranked by ``config``.
+
+    Saved in the multimodal index's ranking.json (key ``similar``) with the text model it was fitted
+    with; the service uses it only when its text index was built from that same model version."""
+
+    photo_weight: float
+    config: RankingConfig
+    text_model: tuple[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"photo_weight": self.photo_weight, "config": self.config.to_dict(),
+                "text_model": list(self.text_model), "rule": self.label()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SimilarConfig:
+        name, version = data["text_model"]
+        return cls(float(data["photo_weight"]), RankingConfig.from_dict(data["config"]), (str(name), str(version)))
+
+    def label(self) -> str:
+        return f"(1-{self.photo_weight:g})*text + {self.photo_weight:g}*multimodal, {self.config.label()}"
+
+    def weights(self) -> tuple[float, float]:
+        return 1.0 - self.photo_weight, self.photo_weight
 
 
 # --------------------------------------------------------------------------- one query
@@ -229,6 +268,50 @@ def make_candidates(
     key_array[:] = keys
     return Candidates(key_array, dense, lexical, dense_rank, lexical_rank, labels,
                       None if proba is None else np.asarray(proba, dtype=np.float64))
+
+
+def fuse_dense(
+    lists: Sequence[tuple[Sequence[Hashable], Sequence[float]]],
+    weights: Sequence[float],
+) -> tuple[list[Hashable], np.ndarray]:
+    """One dense list from several indexes' neighbour lists: ``sum_i w_i * cosine_i`` over the union of
+    the keys of the lists with a weight above 0, best first ("more like this": the listing's text
+    vector in the text index and its text + photo vector in the multimodal index).
+
+    A key missing from a list scores that list's lowest cosine there: it ranked below every listed
+    one, so its cosine is at most that (an upper bound, which keeps a listing that one index did
+    not return from being punished below listings it did return). With one list of weight 1 the
+    result is that list.
+
+    Args:
+        lists: per index, the candidate keys and their cosines (best first).
+        weights: one non-negative weight per list.
+
+    Returns:
+        The keys and their fused scores, best first (ties keep the first list's order).
+    """
+    if len(lists) != len(weights):
+        raise ValueError(f"{len(lists)} lists, {len(weights)} weights")
+    used = [(list(keys), np.asarray(scores, dtype=np.float64), float(w))
+            for (keys, scores), w in zip(lists, weights) if float(w) > 0]
+    position: dict[Hashable, int] = {}
+    keys_out: list[Hashable] = []
+    for keys, _, _ in used:
+        for key in keys:
+            if key not in position:
+                position[key] = len(keys_out)
+                keys_out.append(key)
+    fused = np.zeros(len(keys_out))
+    for keys, scores, weight in used:
+        column = np.full(len(keys_out), scores.min() if len(scores) else 0.0)
+        seen: set[Hashable] = set()
+        for key, score in zip(keys, scores):
+            if key not in seen:  # a key's first (best) score in its list
+                seen.add(key)
+                column[position[key]] = score
+        fused += weight * column
+    order = np.argsort(-fused, kind="stable")
+    return [keys_out[i] for i in order], fused[order]
 
 
 def _minmax(values: np.ndarray) -> np.ndarray:
@@ -383,8 +466,9 @@ def ranking_dir(index_dir: str | Path) -> Path:
 
 
 def save(index_dir: str | Path, cfg: RankingConfig, probs: np.ndarray, classes: Sequence[str],
-         lexical: BM25Index | None, index_meta: Mapping[str, Any], metrics: Mapping[str, Any]) -> Path:
-    """Write ``<index_dir>/ranking/`` as a whole (atomically)."""
+         lexical: BM25Index | None, index_meta: Mapping[str, Any], metrics: Mapping[str, Any],
+         similar: SimilarConfig | None = None) -> Path:
+    """Write ``<index_dir>/ranking/`` as a whole (atomically); ``similar`` goes with the multimodal index."""
     target = ranking_dir(index_dir)
     with atomic_dir(target) as tmp:
         np.save(tmp / PROBS_FILE, np.asarray(probs, dtype=np.float32))
@@ -398,6 +482,7 @@ def save(index_dir: str | Path, cfg: RankingConfig, probs: np.ndarray, classes: 
             "model_version": index_meta.get("model_version"),
             "index_built_at": index_meta.get("built_at"),
             "metrics": dict(metrics),
+            "similar": None if similar is None else similar.to_dict(),
         })
     return target
 
@@ -439,6 +524,12 @@ class Ranker:
             if lexical.size != n_rows:
                 raise MissingRanking(f"the lexical index has {lexical.size} rows, the index {n_rows}")
         return cls(RankingConfig.from_dict(info["config"]), list(info.get("classes") or []), probs, lexical, info)
+
+    @property
+    def similar(self) -> SimilarConfig | None:
+        """The fitted "more like this" fusion saved with a multimodal index (None: older files or other kinds)."""
+        data = self.info.get("similar")
+        return None if not data else SimilarConfig.from_dict(data)
 
     @property
     def uses_lexical(self) -> bool:

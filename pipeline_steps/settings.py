@@ -286,6 +286,8 @@ class RankingSettings(Section):
     neighbour_weight: Auto | NonNegativeFloat
     neighbour_weight_grid: list[NonNegativeFloat] = Field(min_length=1)
     neighbour_k: PositiveInt
+    similar_photo_weight: Auto | Fraction
+    similar_photo_weight_grid: list[Fraction] = Field(min_length=1)
     n_candidates: PositiveInt
     rrf_k: PositiveInt
     fit_metric: Annotated[str, Field(pattern=r"^(ndcg|precision)@[1-9][0-9]*$")]
@@ -354,6 +356,7 @@ class TeamSettings(Section):
 
 
 class DistributedSettings(Section):
+    index_on_dask: StrictBool
     dask_address: str | None
     n_workers: PositiveInt
     threads_per_worker: PositiveInt

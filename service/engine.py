@@ -239,14 +239,22 @@ class MarketplaceEngine:
         row = ranking.row_of.get(pid)
         if row is None:
             raise service_ranking.not_found(pid)
-        proba = None if ranking.ranker is None else ranking.ranker.probs[row]
-        mask = None if category is None else self._category_mask(kind, category)
-        hits = ranking.search(ranking.vector_of(row), proba, None, k, mask, exclude=pid, query_row=row)
+        spec, why_not = service_ranking.fused_similar(self.rankings)
+        if spec is not None and pid in self.rankings["text"].row_of:
+            masks = {kind: None if category is None else self._category_mask(kind, category) for kind in ("text", kind)}
+            hits = service_ranking.similar_fused(self.rankings["text"], ranking, spec, pid, k, masks)
+            described = {"mode": "similar: text + multimodal", **spec.to_dict(), **spec.config.to_dict(),
+                         "text_index": self.index_info("text")}
+        else:
+            proba = None if ranking.ranker is None else ranking.ranker.probs[row]
+            mask = None if category is None else self._category_mask(kind, category)
+            hits = ranking.search(ranking.vector_of(row), proba, None, k, mask, exclude=pid, query_row=row)
+            described = ranking.describe() | ({"similar_fusion": why_not} if why_not else {})
         return {
             "product_id": pid,
             "query": self._result({"product_id": pid}),
             **responses.search([self._result(h) for h in hits], self.model_info(kind), self.index_info(kind),
-                               ranking.describe(), category, k),
+                               described, category, k),
         }
 
     def metadata(self) -> dict[str, Any]:

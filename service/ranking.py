@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline_steps.ranking import MissingRanking, Ranker, RankingConfig, make_candidates, rank
+from pipeline_steps.ranking import MissingRanking, Ranker, RankingConfig, SimilarConfig, fuse_dense, make_candidates, rank
 from service.request_validation import RequestError
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,9 @@ class IndexRanking:
             faiss.extract_index_ivf(faiss_index).make_direct_map()
             return np.asarray(faiss_index.reconstruct(int(row)), dtype=np.float32)
 
-    def candidates(self, vector: np.ndarray, proba: np.ndarray | None, text: str | None, query_row: int | None,
-                   k: int, mask: np.ndarray | None, exclude: str | None) -> tuple[Any, RankingConfig, dict[str, str | None]]:
-        cfg = self.ranker.config if self.ranker is not None else DENSE_ONLY
-        n = max(cfg.n_candidates, k)
+    def dense_list(self, vector: np.ndarray, n: int, mask: np.ndarray | None,
+                   exclude: str | None) -> tuple[list[str], list[float], dict[str, str | None]]:
+        """The index's n nearest listings (product ids, cosines, the photo that matched for the image index)."""
         hits = self.index.search(
             np.asarray(vector, dtype=np.float32).reshape(1, -1), n,
             exclude_product_ids=None if exclude is None else [exclude],
@@ -79,15 +78,26 @@ class IndexRanking:
             unique_products=self.kind == "image",
         )[0]
         image_of = {str(h.product_id): (None if h.image_id is None else str(h.image_id)) for h in hits}
-        lex_keys = lex_scores = None
+        return [str(h.product_id) for h in hits], [h.score for h in hits], image_of
+
+    def lexical_list(self, cfg: RankingConfig, text: str | None, query_row: int | None, n: int,
+                     mask: np.ndarray | None, exclude: str | None) -> tuple[list[str] | None, Any]:
+        """BM25 candidates of a text (or of an indexed listing's own text), when the ranking uses them."""
         lexical = self.ranker.lexical if self.ranker is not None else None
-        if lexical is not None and cfg.fusion != "dense" and (text or query_row is not None):
-            queries = lexical.doc_queries([query_row]) if query_row is not None else lexical.query_matrix([text])
-            exclude_rows = [[self.row_of[exclude]]] if exclude is not None and exclude in self.row_of else None
-            rows, lex_scores = lexical.top(queries, n, allowed=mask, exclude_rows=exclude_rows)[0]
-            lex_keys = self.pids[rows].tolist()
-        cands = make_candidates([str(h.product_id) for h in hits], [h.score for h in hits], lex_keys, lex_scores,
-                                self.label_of, proba if self.ranker is not None else None)
+        if lexical is None or cfg.fusion == "dense" or not (text or query_row is not None):
+            return None, None
+        queries = lexical.doc_queries([query_row]) if query_row is not None else lexical.query_matrix([text])
+        exclude_rows = [[self.row_of[exclude]]] if exclude is not None and exclude in self.row_of else None
+        rows, scores = lexical.top(queries, n, allowed=mask, exclude_rows=exclude_rows)[0]
+        return self.pids[rows].tolist(), scores
+
+    def candidates(self, vector: np.ndarray, proba: np.ndarray | None, text: str | None, query_row: int | None,
+                   k: int, mask: np.ndarray | None, exclude: str | None) -> tuple[Any, RankingConfig, dict[str, str | None]]:
+        cfg = self.ranker.config if self.ranker is not None else DENSE_ONLY
+        n = max(cfg.n_candidates, k)
+        keys, scores, image_of = self.dense_list(vector, n, mask, exclude)
+        lex_keys, lex_scores = self.lexical_list(cfg, text, query_row, n, mask, exclude)
+        cands = make_candidates(keys, scores, lex_keys, lex_scores, self.label_of, proba if self.ranker is not None else None)
         return cands, cfg, image_of
 
     def search(self, vector: np.ndarray, proba: np.ndarray | None, text: str | None, k: int,
@@ -96,24 +106,69 @@ class IndexRanking:
         cands, cfg, image_of = self.candidates(vector, proba, text, query_row, k, mask, exclude)
         if proba is None:
             cfg = dataclasses.replace(cfg, category_weight=0.0)
-        order, retrieval, category, final = rank(cands, cfg)
-        # scaled by the largest possible final score, so "score" stays in [0, 1] (like a cosine) and
-        # still equals retrieval_score + category_score
-        scale = 1.0 / (1.0 + cfg.category_weight + cfg.neighbour_weight)
-        retrieval, category, final = retrieval * scale, category * scale, final * scale
-        out = []
-        for i in order[:k]:
-            pid = str(cands.keys[i])
-            out.append({
-                "product_id": pid,
-                "image_id": image_of.get(pid),
-                "score": round(float(final[i]), 6),
-                "retrieval_score": round(float(retrieval[i]), 6),
-                "category_score": round(float(category[i]), 6),
-                "dense_score": None if np.isnan(cands.dense[i]) else round(float(cands.dense[i]), 6),
-                "lexical_score": None if np.isnan(cands.lexical[i]) else round(float(cands.lexical[i]), 6),
-            })
-        return out
+        return ranked_results(cands, cfg, image_of, k)
+
+
+def ranked_results(cands: Any, cfg: RankingConfig, image_of: Mapping[str, str | None], k: int) -> list[dict[str, Any]]:
+    """Rank a candidate pool and give the k best with their score parts."""
+    order, retrieval, category, final = rank(cands, cfg)
+    # scaled by the largest possible final score, so "score" stays in [0, 1] (like a cosine) and
+    # still equals retrieval_score + category_score
+    scale = 1.0 / (1.0 + cfg.category_weight + cfg.neighbour_weight)
+    retrieval, category, final = retrieval * scale, category * scale, final * scale
+    out = []
+    for i in order[:k]:
+        pid = str(cands.keys[i])
+        out.append({
+            "product_id": pid,
+            "image_id": image_of.get(pid),
+            "score": round(float(final[i]), 6),
+            "retrieval_score": round(float(retrieval[i]), 6),
+            "category_score": round(float(category[i]), 6),
+            "dense_score": None if np.isnan(cands.dense[i]) else round(float(cands.dense[i]), 6),
+            "lexical_score": None if np.isnan(cands.lexical[i]) else round(float(cands.lexical[i]), 6),
+        })
+    return out
+
+
+def fused_similar(rankings: Mapping[str, IndexRanking]) -> tuple[SimilarConfig | None, str | None]:
+    """The fitted "more like this" fusion of the text and multimodal indexes, or why it is not used."""
+    text, multimodal = rankings.get("text"), rankings.get("multimodal")
+    if text is None or multimodal is None or text.ranker is None or multimodal.ranker is None:
+        return None, "needs the ranking files of both the text and the multimodal index"
+    spec = multimodal.ranker.similar
+    if spec is None:
+        return None, "the multimodal index has no fitted 'similar' fusion (built before it existed: re-run the index stage)"
+    meta = text.index.metadata
+    if spec.text_model != (str(meta.model_name), str(meta.model_version)):
+        return None, (f"the 'similar' fusion was fitted with text model {spec.text_model[0]} v{spec.text_model[1]}, "
+                      f"the text index is {meta.model_name} v{meta.model_version}: re-run the index stage")
+    return spec, None
+
+
+def similar_fused(text: IndexRanking, multimodal: IndexRanking, spec: SimilarConfig, product_id: str, k: int,
+                  masks: Mapping[str, np.ndarray | None]) -> list[dict[str, Any]]:
+    """"More like this listing" by the fitted fusion: the listing's text vector in the text index and its
+    text + photo vector in the multimodal index, cosines and P(category) mixed by ``spec.photo_weight``,
+    BM25 on its own text, ranked by ``spec.config`` (pipeline_steps/ranking_eval.py fits and scores the same)."""
+    cfg = spec.config
+    n = max(cfg.n_candidates, k)
+    text_row = text.row_of[product_id]
+    mm_row = multimodal.row_of.get(product_id)
+    w_text, w_photo = spec.weights() if mm_row is not None else (1.0, 0.0)
+    keys, scores, image_of = text.dense_list(text.vector_of(text_row), n, masks.get("text"), product_id)
+    lists, weights = [(keys, scores)], [w_text]
+    proba = w_text * text.ranker.probs[text_row]
+    if w_photo > 0:
+        mm_keys, mm_scores, mm_images = multimodal.dense_list(multimodal.vector_of(mm_row), n, masks.get("multimodal"), product_id)
+        lists.append((mm_keys, mm_scores))
+        weights.append(w_photo)
+        proba = proba + w_photo * multimodal.ranker.probs[mm_row]
+        image_of = {**mm_images, **image_of}
+    fused_keys, fused_scores = fuse_dense(lists, weights)
+    lex_keys, lex_scores = text.lexical_list(cfg, None, text_row, n, masks.get("text"), product_id)
+    cands = make_candidates(fused_keys, fused_scores, lex_keys, lex_scores, text.label_of, proba)
+    return ranked_results(cands, cfg, image_of, k)
 
 
 def check_product_id(value: Any) -> str:

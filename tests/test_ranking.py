@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -101,7 +102,7 @@ def test_fusion_rules_and_category_term() -> None:
 BASE_RANKING = {
     "fusion": "auto", "fusion_grid": ["blend", "rrf"], "lexical_weight": "auto",
     "lexical_weight_grid": [0.0, 0.25, 0.5, 0.75], "category_weight": "auto", "category_weight_grid": [0.0, 0.3, 1.0],
-    "neighbour_weight": "auto", "neighbour_weight_grid": [0.0], "neighbour_k": 10, "n_candidates": 100, "rrf_k": 60,
+    "neighbour_weight": "auto", "neighbour_weight_grid": [0.0], "neighbour_k": 10, "similar_photo_weight": "auto", "similar_photo_weight_grid": [0.0, 0.5], "n_candidates": 100, "rrf_k": 60,
     "fit_metric": "ndcg@10",
 }
 BASE_LEXICAL = {"k1": 1.2, "b": 0.75, "title_weight": 2, "min_df": 1}
@@ -223,7 +224,6 @@ def test_neighbour_vote_lifts_the_category_of_the_best_retrieved() -> None:
 
 def test_index_stage_ranking_task_writes_ranking_files_metrics_and_an_mlflow_run(tmp_path, monkeypatch) -> None:
     """flows/ranking_step.py on what the index stage leaves behind (stores, indexes, clean products)."""
-    import json
 
     import mlflow
 
@@ -259,3 +259,61 @@ def test_index_stage_ranking_task_writes_ranking_files_metrics_and_an_mlflow_run
         assert saved["model_version"] == "3" and saved["config"]["chosen_on"] == "val"
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.step = 'ranking'")
     assert len(runs) == 1 and "metrics.text.ranked_precision_at_10" in runs.columns
+
+
+def test_fuse_dense_weights_the_union_and_floors_missing_scores() -> None:
+    from pipeline_steps.ranking import fuse_dense
+
+    text = (["a", "b", "c"], [0.9, 0.8, 0.5])
+    photo = (["c", "d"], [0.95, 0.6])
+    keys, scores = fuse_dense([text], [1.0])
+    assert keys == ["a", "b", "c"] and scores.tolist() == pytest.approx([0.9, 0.8, 0.5])
+    # a weight of 0 adds nothing: not even the other list's candidates
+    keys, scores = fuse_dense([text, photo], [1.0, 0.0])
+    assert keys == ["a", "b", "c"]
+    keys, scores = fuse_dense([text, photo], [0.5, 0.5])
+    fused = dict(zip(keys, scores))
+    assert fused["c"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.95)   # in both lists
+    assert fused["a"] == pytest.approx(0.5 * 0.9 + 0.5 * 0.6)    # missing from the photo list: its lowest score
+    assert fused["d"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.6)    # missing from the text list: its lowest score
+    assert keys[0] == "a" and list(scores) == sorted(scores, reverse=True)
+    with pytest.raises(ValueError):
+        fuse_dense([text], [0.5, 0.5])
+
+
+def test_similar_fuses_text_and_photos_fitted_on_val_and_saved_with_the_multimodal_index(tmp_path) -> None:
+    """The photo side carries category evidence the text lacks: the fitted fusion uses it, never does
+    worse on val than the text ranking alone (weight 0 is in the grid), and is saved for the service."""
+    from pipeline_steps.ranking import SimilarConfig
+
+    products, text_vectors, ids, text_probs, classes = _synthetic(seed=1)
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(len(classes), 16))
+    photo_vectors = (centres[products["label"].to_numpy()] + 0.8 * rng.normal(size=(len(products), 16))).astype(np.float32)
+    mm_vectors = np.hstack([text_vectors, 2.0 * photo_vectors]).astype(np.float32)
+    mm_probs = np.full_like(text_probs, 0.05)
+    mm_probs[np.arange(len(products)), products["label"].to_numpy()] = 0.9
+    kinds, dirs = {}, {}
+    for kind, vectors, probs in (("text", text_vectors, text_probs), ("multimodal", mm_vectors, mm_probs)):
+        index = SimilarityIndex.build(vectors, ids[["product_id", "image_id"]], kind=kind, factory="Flat",
+                                      use_gpu=False, model_name=f"m-{kind}", model_version="4")
+        dirs[kind] = tmp_path / kind
+        index.save(dirs[kind])
+        kinds[kind] = KindData(index, vectors, ids, probs, classes)
+    settings = RankingSettings.from_params(_index_section(n_candidates=20, similar_photo_weight_grid=[0.0, 0.5, 0.8]))
+    report = fit_and_report(kinds, products, settings, index_dirs=dirs)
+
+    similar = report["similar"]
+    fitted = {row["photo_weight"]: row["ndcg@10"] for row in similar["val_fit"]}
+    assert set(fitted) == {0.0, 0.5, 0.8}
+    assert similar["chosen"]["photo_weight"] > 0 and fitted[similar["chosen"]["photo_weight"]] >= fitted[0.0]
+    test = similar["test_with_photos"]
+    chosen = next(v for k, v in test.items() if k.startswith("chosen"))
+    assert chosen["ndcg@10"] > test["text ranking (text index only)"]["ndcg@10"]
+    assert {"dense (baseline)", "multimodal index only (combined rule)"} <= set(test)
+    assert headline(report)["similar_with_photos"]["text_ranking_ndcg_at_10"] == test["text ranking (text index only)"]["ndcg@10"]
+
+    saved = json.loads((dirs["multimodal"] / "ranking" / "ranking.json").read_text())
+    spec = SimilarConfig.from_dict(saved["similar"])
+    assert spec.text_model == ("m-text", "4") and spec.photo_weight == similar["chosen"]["photo_weight"]
+    assert json.loads((dirs["text"] / "ranking" / "ranking.json").read_text())["similar"] is None

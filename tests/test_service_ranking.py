@@ -77,6 +77,8 @@ def test_similar_returns_other_listings_ranked(url) -> None:
     ids = [r["product_id"] for r in body["results"]]
     assert len(ids) == 7 and first["product_id"] not in ids and len(set(ids)) == 7
     assert body["index"]["kind"] == "multimodal"
+    # the text and multimodal indexes together, with the photo weight fitted on val (pipeline_steps/ranking_eval.py)
+    assert body["ranking"]["mode"] == "similar: text + multimodal" and 0 <= body["ranking"]["photo_weight"] <= 1
     assert [r["score"] for r in body["results"]] == sorted((r["score"] for r in body["results"]), reverse=True)
     # multipart, as the page sends it
     form = requests.post(f"{url}/similar", files={"product_id": (None, json.dumps(first["product_id"])),
@@ -119,3 +121,32 @@ def test_an_old_bundle_without_ranking_files_is_served_dense_only(bundle_dir, tm
     assert scores == sorted(scores, reverse=True)
     similar = engine.similar(found["results"][0]["product_id"], k=3)
     assert similar["ranking"]["mode"] == "dense-only" and len(similar["results"]) == 3
+
+
+def _with_similar(bundle_dir, target, **changes):
+    shutil.copytree(bundle_dir, target)
+    path = target / "index" / "multimodal" / "ranking" / "ranking.json"
+    info = json.loads(path.read_text())
+    info["similar"].update(changes)
+    path.write_text(json.dumps(info))
+    return target
+
+
+def test_similar_with_photo_weight_0_is_the_text_ranking_and_a_stale_fusion_is_not_used(bundle_dir, tmp_path) -> None:
+    from service.engine import MarketplaceEngine
+
+    text_config = json.loads((bundle_dir / "index" / "text" / "ranking" / "ranking.json").read_text())["config"]
+    engine = MarketplaceEngine(_with_similar(bundle_dir, tmp_path / "w0", photo_weight=0.0, config=text_config))
+    text = engine.rankings["text"]
+    pid = str(text.pids[0])
+    row = text.row_of[pid]
+    expected = text.search(text.vector_of(row), text.ranker.probs[row], None, 5, None, exclude=pid, query_row=row)
+    got = engine.similar(pid, k=5)
+    assert got["ranking"]["mode"] == "similar: text + multimodal"
+    assert [r["product_id"] for r in got["results"]] == [h["product_id"] for h in expected]
+    assert [r["score"] for r in got["results"]] == [h["score"] for h in expected]
+
+    stale = _with_similar(bundle_dir, tmp_path / "stale", text_model=["another-text-model", "999"])
+    answer = MarketplaceEngine(stale).similar(pid, k=5)
+    assert answer["ranking"]["mode"] != "similar: text + multimodal" and len(answer["results"]) == 5
+    assert "re-run the index stage" in answer["ranking"]["similar_fusion"]
