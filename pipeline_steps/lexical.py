@@ -1,25 +1,30 @@
-"""Lexical retrieval over listing text: Okapi BM25 on a sparse term matrix (scikit-learn + SciPy).
+"""Lexical retrieval over listing text: Okapi BM25 (Lucene's variant) with `bm25s`.
 
 Why BM25 beside the dense index: MiniLM embeddings place "Makita drill" near other power
 tools, but an exact brand/model word ("dyson", "ps4") is best matched on the word itself.
 The hybrid ranking (pipeline_steps/ranking.py) fuses both.
 
+`bm25s` (a maintained BM25 on sparse matrices) builds, scores and stores the index. This module
+adds what the ranking needs around it: the project's tokenizer (accents stripped, so "café" meets
+"cafe"), the ``min_df`` cut, each document's term list ("more like this listing" queries with a
+listing's own terms), and the top-n under a category filter and per-query exclusions.
+
 Saved layout (``<index dir>/<kind>/lexical/``, built by the index stage, packaged with
 the index it belongs to)::
 
-    lexical.json    k1, b, title_weight, n_docs, vocabulary size, avg doc length
-    vocabulary.json term -> column
-    weights.npz     (n_docs x n_terms) CSR of BM25 term weights, row i = index row i
+    lexical.json    k1, b, method, min_df, n_docs, n_terms, the bm25s version, title_weight
+    bm25s/          the bm25s index (its own save format: score matrix, vocabulary, params)
+    doc_terms.npz   (n_docs x n_terms) binary CSR: the distinct terms of each document, row i = index row i
 
 A query's score for document d is the sum over the query's distinct terms t of
-``idf(t) * tf(t,d) * (k1 + 1) / (tf(t,d) + k1 * (1 - b + b * len(d) / avglen))``.
+``idf(t) * tf(t,d) / (tf(t,d) + k1 * (1 - b + b * len(d) / avglen))``, idf = ``log(1 + (N - df + 0.5) / (df + 0.5))``.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +36,9 @@ from pipeline_steps.errors import DataValidationError
 from pipeline_steps.io_utils import atomic_dir, read_json, write_json
 
 META_FILE = "lexical.json"
-VOCAB_FILE = "vocabulary.json"
-WEIGHTS_FILE = "weights.npz"
+BM25S_DIR = "bm25s"
+DOC_TERMS_FILE = "doc_terms.npz"
+METHOD = "lucene"
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -53,78 +59,93 @@ def listing_text(name: str | None, description: str | None, title_weight: int = 
 
 
 class BM25Index:
-    """BM25 scores of free-text queries against a fixed set of documents (one per index row)."""
+    """BM25 scores of free-text queries against a fixed set of documents (one per index row).
 
-    def __init__(self, weights: sp.csr_matrix, vocabulary: dict[str, int], meta: dict[str, Any]) -> None:
-        if weights.shape != (int(meta["n_docs"]), len(vocabulary)):
+    Queries are arrays of term ids (``query_terms`` for free text, ``doc_terms`` for indexed listings)."""
+
+    def __init__(self, retriever: Any, doc_terms: sp.csr_matrix, meta: dict[str, Any]) -> None:
+        n_docs = int(meta["n_docs"])
+        if doc_terms.shape[0] != n_docs or int(retriever.scores["num_docs"]) != n_docs:
             raise DataValidationError(
-                f"BM25 weights have shape {weights.shape}, expected ({meta['n_docs']}, {len(vocabulary)})"
+                f"BM25 index of {retriever.scores['num_docs']} documents with {doc_terms.shape[0]} term lists, "
+                f"expected {n_docs}: re-run the index stage"
             )
-        self.weights = weights.tocsr()
-        self.vocabulary = vocabulary
+        self.retriever = retriever
+        self.vocabulary: dict[str, int] = dict(retriever.vocab_dict)
+        self.doc_term_matrix = doc_terms.tocsr()
         self.meta = dict(meta)
-        self._by_term = self.weights.T.tocsr()  # (n_terms x n_docs): one row per term, fast query sums
 
     @property
     def size(self) -> int:
-        return int(self.weights.shape[0])
+        return int(self.doc_term_matrix.shape[0])
 
     @classmethod
     def build(cls, texts: Sequence[str | None], *, k1: float = 1.2, b: float = 0.75, min_df: int = 1,
               extra: dict[str, Any] | None = None) -> BM25Index:
+        """Index ``texts`` (row i = document i).
+
+        Args:
+            texts: one text per document (None or empty: a document no query matches).
+            k1, b: BM25's term-frequency saturation and length normalisation.
+            min_df: terms in fewer documents than this are dropped (typos, ids).
+            extra: kept in the saved metadata (e.g. the title weight the texts were built with).
+
+        Returns:
+            The index.
+        """
+        import bm25s
+
         if k1 < 0 or not 0.0 <= b <= 1.0:
             raise DataValidationError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}")
-        vocabulary: dict[str, int] = {}
-        rows: list[int] = []
-        cols: list[int] = []
-        for i, text in enumerate(texts):
-            for token in tokenize(text):
-                col = vocabulary.setdefault(token, len(vocabulary))
-                rows.append(i)
-                cols.append(col)
-        n_docs = len(texts)
-        tf = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_docs, len(vocabulary)))
-        tf.sum_duplicates()
-        df = np.bincount(tf.indices, minlength=len(vocabulary))
-        if min_df > 1 and len(vocabulary):
-            keep = np.flatnonzero(df >= min_df)
-            tf = tf[:, keep].tocsr()
-            terms = sorted(vocabulary, key=vocabulary.__getitem__)
-            vocabulary = {terms[j]: new for new, j in enumerate(keep)}
-            df = df[keep]
-        doc_len = np.asarray(tf.sum(axis=1)).ravel()
-        avg_len = float(doc_len.mean()) if n_docs and doc_len.mean() > 0 else 1.0
-        idf = np.log(1.0 + (n_docs - df + 0.5) / (df + 0.5)).astype(np.float32)
-        weights = tf.tocoo()
-        norm = k1 * (1.0 - b + b * doc_len[weights.row] / avg_len)
-        data = idf[weights.col] * weights.data * (k1 + 1.0) / (weights.data + norm)
-        matrix = sp.csr_matrix((data.astype(np.float32), (weights.row, weights.col)), shape=tf.shape)
-        meta = {"k1": float(k1), "b": float(b), "min_df": int(min_df), "n_docs": int(n_docs),
-                "n_terms": int(len(vocabulary)), "avg_doc_len": avg_len, **(extra or {})}
-        return cls(matrix, vocabulary, meta)
-
-    def query_matrix(self, texts: Sequence[str | None]) -> sp.csr_matrix:
-        """(n_queries x n_terms) binary matrix of each query's known distinct terms."""
+        if not len(texts):
+            raise DataValidationError("a BM25 index needs at least one document")
+        tokens = [tokenize(text) for text in texts]
+        if min_df > 1:
+            df = Counter(term for doc in tokens for term in set(doc))
+            tokens = [[t for t in doc if df[t] >= min_df] for doc in tokens]
+        retriever = bm25s.BM25(k1=float(k1), b=float(b), method=METHOD)
+        retriever.index(tokens, show_progress=False)
+        vocabulary = retriever.vocab_dict
         rows, cols = [], []
-        for i, text in enumerate(texts):
-            for col in {self.vocabulary[t] for t in tokenize(text) if t in self.vocabulary}:
-                rows.append(i)
-                cols.append(col)
-        return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(texts), len(self.vocabulary)))
+        for i, doc in enumerate(tokens):
+            ids = {vocabulary[t] for t in doc}
+            rows.extend([i] * len(ids))
+            cols.extend(ids)
+        doc_terms = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(tokens), len(vocabulary)))
+        lengths = [len(doc) for doc in tokens]
+        meta = {"implementation": f"bm25s {bm25s.__version__}", "method": METHOD, "k1": float(k1), "b": float(b),
+                "min_df": int(min_df), "n_docs": len(tokens), "n_terms": len(vocabulary),
+                "avg_doc_len": float(np.mean(lengths)) if lengths else 0.0, **(extra or {})}
+        return cls(retriever, doc_terms, meta)
 
-    def doc_queries(self, rows: Sequence[int]) -> sp.csr_matrix:
-        """Indexed documents as queries (their distinct terms): "more like this listing"."""
-        q = self.weights[np.asarray(rows, dtype=np.int64)].copy()
-        q.data[:] = 1.0
-        return q.tocsr()
+    def query_terms(self, texts: Sequence[str | None]) -> list[np.ndarray]:
+        """Each text's distinct known term ids (unknown words cannot match anything)."""
+        return [np.array(sorted({self.vocabulary[t] for t in tokenize(text) if t in self.vocabulary}), dtype=np.int64)
+                for text in texts]
 
-    def scores(self, queries: sp.csr_matrix) -> np.ndarray:
-        """Dense (n_queries x n_docs) BM25 scores for a query matrix."""
-        return np.asarray((queries @ self._by_term).todense(), dtype=np.float32)
+    def doc_terms(self, rows: Sequence[int]) -> list[np.ndarray]:
+        """Indexed documents as queries (their distinct term ids): "more like this listing"."""
+        m = self.doc_term_matrix
+        return [m.indices[m.indptr[r]:m.indptr[r + 1]].astype(np.int64) for r in np.asarray(rows, dtype=np.int64)]
 
-    def top(self, queries: sp.csr_matrix, n: int, allowed: np.ndarray | None = None,
+    def scores(self, queries: Sequence[np.ndarray]) -> np.ndarray:
+        """Dense (n_queries x n_docs) BM25 scores, computed by bm25s."""
+        out = np.zeros((len(queries), self.size), dtype=np.float32)
+        for i, terms in enumerate(queries):
+            if len(terms):
+                out[i] = self.retriever.get_scores_from_ids([int(t) for t in terms])
+        return out
+
+    def top(self, queries: Sequence[np.ndarray], n: int, allowed: np.ndarray | None = None,
             exclude_rows: Sequence[Sequence[int]] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per query the (rows, scores) of the ``n`` best documents with a positive score, best first."""
+        """Per query the (rows, scores) of the ``n`` best documents with a positive score, best first.
+
+        Args:
+            queries: term-id arrays (``query_terms`` / ``doc_terms``).
+            n: at most this many documents per query.
+            allowed: a boolean mask over documents (the category filter); others score 0.
+            exclude_rows: per query, documents to leave out (the query's own listing).
+        """
         all_scores = self.scores(queries)
         out = []
         for qi in range(all_scores.shape[0]):
@@ -144,17 +165,18 @@ class BM25Index:
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
-            sp.save_npz(tmp / WEIGHTS_FILE, self.weights, compressed=True)
-            (tmp / VOCAB_FILE).write_text(json.dumps(self.vocabulary), encoding="utf-8")
+            self.retriever.save(str(tmp / BM25S_DIR), show_progress=False)
+            sp.save_npz(tmp / DOC_TERMS_FILE, self.doc_term_matrix, compressed=True)
             write_json(tmp / META_FILE, self.meta)
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> BM25Index:
+        import bm25s
+
         directory = Path(directory)
-        for name in (META_FILE, VOCAB_FILE, WEIGHTS_FILE):
-            if not (directory / name).is_file():
+        for name in (META_FILE, DOC_TERMS_FILE, BM25S_DIR):
+            if not (directory / name).exists():
                 raise DataValidationError(f"lexical index {directory} lacks {name}: re-run the index stage")
-        meta = read_json(directory / META_FILE)
-        vocabulary = read_json(directory / VOCAB_FILE)
-        return cls(sp.load_npz(directory / WEIGHTS_FILE).tocsr(), vocabulary, meta)
+        retriever = bm25s.BM25.load(str(directory / BM25S_DIR), show_progress=False)
+        return cls(retriever, sp.load_npz(directory / DOC_TERMS_FILE).tocsr(), read_json(directory / META_FILE))

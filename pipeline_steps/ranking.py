@@ -520,7 +520,10 @@ class Ranker:
             raise MissingRanking(f"{directory / PROBS_FILE} is missing or does not have one row per index row")
         lexical = None
         if (directory / LEXICAL_DIR).is_dir():
-            lexical = BM25Index.load(directory / LEXICAL_DIR)
+            try:
+                lexical = BM25Index.load(directory / LEXICAL_DIR)
+            except DataValidationError as exc:  # e.g. a bundle from before the bm25s format
+                raise MissingRanking(str(exc)) from None
             if lexical.size != n_rows:
                 raise MissingRanking(f"the lexical index has {lexical.size} rows, the index {n_rows}")
         return cls(RankingConfig.from_dict(info["config"]), list(info.get("classes") or []), probs, lexical, info)

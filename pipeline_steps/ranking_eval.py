@@ -101,7 +101,7 @@ def _lexical_lists(lexical: BM25Index, index: SimilarityIndex, catalogue: Catalo
     index_pids = index.ids["product_id"].astype(str).to_numpy()
     own_rows = {p: i for i, p in enumerate(index_pids)}
     lists = lexical.top(
-        lexical.query_matrix([catalogue.text.get(p, "") for p in query_pids]), n_candidates,
+        lexical.query_terms([catalogue.text.get(p, "") for p in query_pids]), n_candidates,
         exclude_rows=[[own_rows[p]] if p in own_rows else [] for p in query_pids],
     )
     return [(index_pids[lex_rows].tolist(), lex_scores) for lex_rows, lex_scores in lists]

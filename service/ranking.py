@@ -86,7 +86,7 @@ class IndexRanking:
         lexical = self.ranker.lexical if self.ranker is not None else None
         if lexical is None or cfg.fusion == "dense" or not (text or query_row is not None):
             return None, None
-        queries = lexical.doc_queries([query_row]) if query_row is not None else lexical.query_matrix([text])
+        queries = lexical.doc_terms([query_row]) if query_row is not None else lexical.query_terms([text])
         exclude_rows = [[self.row_of[exclude]]] if exclude is not None and exclude in self.row_of else None
         rows, scores = lexical.top(queries, n, allowed=mask, exclude_rows=exclude_rows)[0]
         return self.pids[rows].tolist(), scores

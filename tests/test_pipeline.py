@@ -258,7 +258,7 @@ def test_index_and_bundle_belong_to_the_champions(pipeline_run: tuple[Path, list
     assert "dense (baseline)" in ranking["text"]["test"]
     packaged = package_flow(overrides=overrides, build=False)
     info = read_bundle_info(packaged["bundle_dir"])
-    assert (Path(packaged["bundle_dir"]) / "index" / "text" / "ranking" / "lexical" / "weights.npz").is_file()
+    assert (Path(packaged["bundle_dir"]) / "index" / "text" / "ranking" / "lexical" / "doc_terms.npz").is_file()
     assert set(info["models"]) >= {"image", "text", "multimodal", "price"}
 
 

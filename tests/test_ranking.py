@@ -43,25 +43,39 @@ def test_tokenize_lowercases_strips_accents_and_short_tokens() -> None:
 
 def test_bm25_ranks_documents_sharing_rare_terms_first() -> None:
     bm25 = BM25Index.build(DOCS)
-    rows, scores = bm25.top(bm25.query_matrix(["cordless drill"]), 3)[0]
+    rows, scores = bm25.top(bm25.query_terms(["cordless drill"]), 3)[0]
     assert rows[0] == 0 and rows[1] == 1  # both drills, the one with both terms first
     assert list(scores) == sorted(scores, reverse=True) and scores[-1] > 0
-    assert len(bm25.top(bm25.query_matrix(["zzz unknown"]), 3)[0][0]) == 0
+    assert len(bm25.top(bm25.query_terms(["zzz unknown"]), 3)[0][0]) == 0
     # a filter and per-query exclusions
-    rows, _ = bm25.top(bm25.query_matrix(["guitar"]), 5, allowed=np.array([1, 1, 0, 1, 1], bool))[0]
+    rows, _ = bm25.top(bm25.query_terms(["guitar"]), 5, allowed=np.array([1, 1, 0, 1, 1], bool))[0]
     assert list(rows) == [3]
-    rows, _ = bm25.top(bm25.query_matrix(["guitar"]), 5, exclude_rows=[[3]])[0]
+    rows, _ = bm25.top(bm25.query_terms(["guitar"]), 5, exclude_rows=[[3]])[0]
     assert list(rows) == [2]
     # a document as the query finds itself first
-    rows, _ = bm25.top(bm25.doc_queries([2]), 2)[0]
+    rows, _ = bm25.top(bm25.doc_terms([2]), 2)[0]
     assert rows[0] == 2
+
+
+def test_bm25_scores_follow_the_documented_formula() -> None:
+    """bm25s's Lucene BM25, as pipeline_steps/lexical.py documents it (the blend scales it by the best score)."""
+    k1, b = 1.2, 0.75
+    bm25 = BM25Index.build(DOCS, k1=k1, b=b)
+    docs = [tokenize(d) for d in DOCS]
+    avg = sum(map(len, docs)) / len(docs)
+    for term in ("guitar", "drill"):
+        df = sum(term in doc for doc in docs)
+        idf = math.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+        expected = [idf * doc.count(term) / (doc.count(term) + k1 * (1 - b + b * len(doc) / avg)) for doc in docs]
+        np.testing.assert_allclose(bm25.scores(bm25.query_terms([term]))[0], expected, rtol=1e-5)
+    assert bm25.meta["implementation"].startswith("bm25s ")
 
 
 def test_bm25_save_load_round_trip(tmp_path) -> None:
     bm25 = BM25Index.build(DOCS, k1=1.5, b=0.5)
     loaded = BM25Index.load(bm25.save(tmp_path / "lex"))
-    q = bm25.query_matrix(["fender guitar"])
-    np.testing.assert_allclose(bm25.scores(q), loaded.scores(loaded.query_matrix(["fender guitar"])))
+    q = bm25.query_terms(["fender guitar"])
+    np.testing.assert_allclose(bm25.scores(q), loaded.scores(loaded.query_terms(["fender guitar"])))
     assert loaded.meta["k1"] == 1.5
 
 
