@@ -17,11 +17,7 @@ Outputs in ``distributed.work_dir``: ``shards/`` (per-shard vectors and ids), ``
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,26 +25,9 @@ import pandas as pd
 from prefect import flow, task
 
 from flows.common import base_parser, load_params, path_of, run_cli
+from flows.dask_runner import api_for_workers, task_runner
 from pipeline_steps import sharding
 from pipeline_steps.io_utils import write_json
-
-
-def task_runner(settings: dict[str, Any]) -> Any:
-    """A DaskTaskRunner: the cluster at `distributed.dask_address`, else a LocalCluster."""
-    from prefect_dask import DaskTaskRunner
-
-    dist = settings["distributed"]
-    if dist["dask_address"]:
-        return DaskTaskRunner(address=str(dist["dask_address"]))
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": int(dist["n_workers"]),
-            "threads_per_worker": int(dist["threads_per_worker"]),
-            "processes": True,
-            "dashboard_address": dist["dashboard_address"],
-        },
-    )
 
 
 @task(name="embed-shard")
@@ -110,30 +89,6 @@ def _run(settings: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:
     write_json(work_dir / "summary.json", summary)
     print(f"{len(rows)} photos in {len(shards)} shards: {summary['photos_per_second']:.1f} photos/s; index at {index_path}")
     return summary
-
-
-@contextlib.contextmanager
-def api_for_workers() -> Iterator[None]:
-    """Give the Dask worker processes the flow's Prefect API.
-
-    With PREFECT_API_URL set they inherit it. Without it, each worker would start a temporary API of
-    its own (tens of seconds each): start Prefect's temporary server here first and export its URL,
-    so the workers (started afterwards, with this environment) report to it.
-    """
-    if os.environ.get("PREFECT_API_URL"):
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
 
 
 def run_on_dask(settings: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:

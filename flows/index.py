@@ -5,10 +5,19 @@ one per product), each recording the registered model version it was built
 from. Retrieval quality on the test split goes to metrics/retrieval.json and to
 an MLflow run whose id is tagged on the champion model version, so the service
 can find "the index that belongs to the champion".
+
+With ``distributed.index_on_dask: true`` the champion models' pass (embeddings + class
+probabilities of every listing) runs over shards of ``distributed.shard_size`` rows as Dask tasks
+through prefect-dask's DaskTaskRunner (a LocalCluster of ``distributed.n_workers`` processes, or the
+cluster at ``distributed.dask_address``, whose workers must see the clean data and the champion
+model dirs); the shards are merged in order into the same embedding and probability stores, and
+the index is built from them as without Dask: the same vectors, probabilities, ids and index
+(tests/test_index_dask.py).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import mlflow
@@ -16,10 +25,10 @@ import numpy as np
 import pandas as pd
 from prefect import flow, task
 
-from flows import ranking_step, tracking
+from flows import dask_runner, ranking_step, tracking
 from flows.champions import fetch_champion_task
 from flows.common import base_parser, fingerprint_paths, load_params, path_of, run_cli
-from pipeline_steps import inference, registry
+from pipeline_steps import inference, registry, sharding
 from pipeline_steps.config import existing_dir, require_choice
 from pipeline_steps.embeddings import CacheKey, EmbeddingStore
 from pipeline_steps.evaluation import write_metrics_json
@@ -31,27 +40,38 @@ from pipeline_steps.visualise import neighbour_figure
 KINDS = SERVED_KINDS
 
 
+def _cache_key(model: tuple[str, str, str], settings: dict[str, Any]) -> CacheKey:
+    """What a kind's stored embeddings and probabilities belong to: the model version and the clean data."""
+    clean_dir = existing_dir(settings, "data.clean_dir")
+    return CacheKey(model[1], model[2], fingerprint_paths([clean_dir / "products.parquet", clean_dir / "images.parquet"]))
+
+
+def _stores(kind: str, settings: dict[str, Any]) -> tuple[EmbeddingStore, EmbeddingStore]:
+    """(embeddings, class probabilities) of a kind's listings: same rows, same cache key."""
+    return EmbeddingStore(path_of(settings, "index.embeddings_dir") / f"{kind}.parquet"), EmbeddingStore(ranking_step.probs_path(settings, kind))
+
+
 @task(name="build-index")
 def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any]) -> dict[str, Any]:
     model_dir, name, version = model
     clean_dir = existing_dir(settings, "data.clean_dir")
     index_dir = path_of(settings, "index.dir") / kind
     classifier = inference.load_classifier(model_dir, batch_size=int(settings["index"]["batch_size"]))
-    data_key = fingerprint_paths([clean_dir / "products.parquet", clean_dir / "images.parquet"])
-    store = EmbeddingStore(path_of(settings, "index.embeddings_dir") / f"{kind}.parquet")
+    key = _cache_key(model, settings)
+    store, probs_store = _stores(kind, settings)
 
     computed: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}  # the class probabilities of the same pass (ranking)
 
     def compute() -> tuple[np.ndarray, pd.DataFrame]:
         # photos' backbone features from the image model's frozen-feature cache when it holds them
         # (keyed by backbone weights + preprocessing + photo bytes, so a fine-tuned backbone never matches)
-        prediction = inference.predict_split(classifier, clean_dir, None, feature_cache_dir=path_of(settings, "train.image.features_dir"))
+        with sharding.torch_threads(sharding.pass_threads(settings["train"]["num_threads"])):
+            prediction = inference.predict_split(classifier, clean_dir, None, feature_cache_dir=path_of(settings, "train.image.features_dir"))
         computed["probs"] = (prediction.proba, prediction.ids)
         return prediction.embeddings, prediction.ids
 
-    stored, reused = store.get_or_compute(CacheKey(name, version, data_key), compute)
-    probs_store = EmbeddingStore(ranking_step.probs_path(settings, kind))
-    probs_store.get_or_compute(CacheKey(name, version, data_key), lambda: computed.get("probs") or (compute(), computed["probs"])[1])
+    stored, reused = store.get_or_compute(key, compute)
+    probs_store.get_or_compute(key, lambda: computed.get("probs") or (compute(), computed["probs"])[1])
     print(f"{kind}: {'reused' if reused else 'computed'} {len(stored.ids)} embeddings from {name} v{version}")
     built = SimilarityIndex.from_settings(
         stored.vectors, stored.ids, IndexSettings.from_params(settings["index"]), kind=kind, model_name=name, model_version=version
@@ -73,12 +93,71 @@ def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any])
     return {"model": name, "version": version, "size": built.size, "factory": built.metadata.factory, **metrics}
 
 
+@task(name="predict-shard")
+def predict_shard_task(model_dir: str, shard: sharding.Shard, paths: dict[str, str], batch_size: int, num_threads: int) -> dict[str, Any]:
+    return sharding.predict_shard(
+        model_dir, shard, paths["clean_dir"], paths["out_dir"], batch_size=batch_size,
+        feature_cache_dir=paths["features_dir"], num_threads=num_threads,
+    )
+
+
+@flow(name="index-predict-on-dask", log_prints=True)
+def predict_on_dask_flow(model_dirs: dict[str, str], settings: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
+    """(embeddings, probabilities, ids) of every listing per kind: one task per shard, every kind's at once."""
+    clean_dir = existing_dir(settings, "data.clean_dir")
+    batch_size, dist = int(settings["index"]["batch_size"]), settings["distributed"]
+    threads = sharding.pass_threads(settings["train"]["num_threads"])  # as many torch threads as the single-process pass
+    started = time.perf_counter()
+    submitted: dict[str, list[Any]] = {}
+    for kind, model_dir in model_dirs.items():
+        paths = {
+            "clean_dir": str(clean_dir), "features_dir": str(path_of(settings, "train.image.features_dir")),
+            "out_dir": str(path_of(settings, "distributed.work_dir") / "index" / kind),
+        }
+        shards = sharding.plan_shards(sharding.listing_count(clean_dir, kind), int(dist["shard_size"]), batch_size)
+        submitted[kind] = [predict_shard_task.submit(str(model_dir), shard, paths, batch_size, threads) for shard in shards]
+    merged = {}
+    for kind, futures in submitted.items():
+        results = [future.result() for future in futures]
+        merged[kind] = sharding.merge_predictions(results)
+        seconds = time.perf_counter() - started
+        print(f"{kind}: {len(merged[kind][2])} rows in {len(results)} shards on Dask, {seconds:.1f} s since the first shard was submitted")
+    return merged
+
+
+def predict_on_dask(models: dict[str, tuple[str, str, str]], settings: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
+    """`predict_on_dask_flow` on the settings' Dask task runner (its workers report to this run's Prefect API)."""
+    on_dask = predict_on_dask_flow.with_options(task_runner=dask_runner.task_runner(settings))
+    with dask_runner.api_for_workers():
+        return on_dask({kind: model[0] for kind, model in models.items()}, settings)
+
+
+def fill_stores_on_dask(models: dict[str, tuple[str, str, str]], settings: dict[str, Any]) -> list[str]:
+    """Compute the kinds whose stored embeddings or probabilities are stale on Dask and store them
+    under the key `index_task` looks for (it then reuses them); return the kinds computed."""
+    stale = {
+        kind: model for kind, model in models.items()
+        if any(store.load_if_fresh(_cache_key(model, settings)) is None for store in _stores(kind, settings))
+    }
+    if not stale:
+        return []
+    for kind, (vectors, proba, ids) in predict_on_dask(stale, settings).items():
+        key = _cache_key(stale[kind], settings)
+        store, probs_store = _stores(kind, settings)
+        store.save(vectors, ids, key)
+        probs_store.save(proba, ids, key)
+    return list(stale)
+
+
 @flow(name="index", log_prints=True)
 def index_flow(params: str | None = None, overrides: list[str] | None = None, kind: str = "all") -> dict[str, Any]:
     settings = load_params(params, overrides or [])
     require_choice(kind, "--kind", ("all", *INDEX_KINDS))
     configured = [k for k in settings["index"]["kinds"] if kind in ("all", k)]
     champions = {k: fetch_champion_task(k, settings) for k in KINDS if k in configured or k == PRICE_KIND}
+    if settings["distributed"]["index_on_dask"]:
+        on_dask = fill_stores_on_dask({k: champions[k] for k in configured}, settings)
+        print(f"champion models' pass on Dask: {', '.join(on_dask) or 'nothing to compute (stored embeddings are fresh)'}")
     results = {k: index_task(k, champions[k], settings) for k in configured}
     results.update(ranking_step.ranking_task({k: champions[k] for k in configured}, settings, results))
     write_metrics_json(path_of(settings, "evaluate.metrics_dir") / "retrieval.json", results)

@@ -311,12 +311,16 @@ def predict_split(
     batch_size: int | None = None,
     progress: bool = True,
     feature_cache_dir: str | Path | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> SplitPrediction:
     """Predict and embed a whole clean split (None = every split) in batches.
 
     The image model gets one row per photo (images.parquet); the text and multimodal models
     one row per product (products.parquet), the multimodal one with all of the product's
     photos (averaged) and `image_id` null.
+
+    `rows=(start, stop)`: only those rows of the split's row order (one shard of a sharded run,
+    pipeline_steps/sharding.py); the shards' outputs concatenated in order are the whole split's.
     """
     data = ds.load_clean(clean_dir)
     if classifier.kind == "image":
@@ -329,6 +333,11 @@ def predict_split(
         texts = products["text"].tolist()
         by_product = data.image_paths_by_product()
         sources = [by_product.get(p, []) for p in products["product_id"]] if classifier.kind == "multimodal" else []
+    if rows is not None:
+        start, stop = int(rows[0]), int(rows[1])
+        frame = frame.iloc[start:stop]
+        sources = sources[start:stop]
+        texts = None if texts is None else texts[start:stop]
     n, step = len(frame), batch_size or classifier.batch_size
     if feature_cache_dir is not None and classifier.kind in ("image", "multimodal"):
         return _predict_from_features(classifier, frame, sources, texts, feature_cache_dir, step, progress)

@@ -13,12 +13,21 @@ The result equals the single-process run: the same rows in the same order, each 
 same model, batch composition and preprocessing (shard boundaries fall on batch boundaries: the
 shard size is rounded up to a multiple of the batch size) and one torch thread per task; the
 merged index holds the same vectors under the same ids (tests/test_distributed.py checks it).
+
+The index stage (flows/index.py, ``distributed.index_on_dask``) shards the champion models' pass
+the same way: `predict_shard` runs `inference.predict_split` on rows ``[start, stop)`` of a kind's
+listings (photos for the image model, products for the text and multimodal ones) and writes the
+shard's embeddings, class probabilities and ids; `merge_predictions` concatenates them in shard
+order — the arrays the single-process pass returns (tests/test_index_dask.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +103,108 @@ def merge_shards(results: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, pd.D
     vectors = np.concatenate([np.load(r["vectors"]) for r in ordered]) if ordered else np.zeros((0, 0), np.float32)
     ids = pd.concat([pd.read_parquet(r["ids"]) for r in ordered], ignore_index=True) if ordered else pd.DataFrame()
     return vectors, ids
+
+
+# --------------------------------------------------------------------------- the champion models' pass
+
+
+def listing_count(clean_dir: str | Path, kind: str) -> int:
+    """How many rows `inference.predict_split` gives a `kind` model over every split (photos or products)."""
+    from pipeline_steps import datasets
+
+    data = datasets.load_clean(clean_dir)
+    return len(data.images_of(None)) if kind == "image" else len(data.products_of(None))
+
+
+def pass_threads(num_threads: int | None) -> int:
+    """Torch threads of the champion models' pass: `train.num_threads`, else this process's count.
+
+    The same count in the single-process pass and in every shard task keeps the outputs identical:
+    torch's CPU kernels split their float sums by thread, so another count changes the last bits.
+    With several LocalCluster workers on one machine set ``train.num_threads`` (e.g. cores / workers).
+    """
+    import torch
+
+    return int(num_threads or torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Run the block with `num_threads` torch threads, then restore the previous count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(num_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+_CLASSIFIERS: dict[tuple[str, int, int, int], Any] = {}
+_CLASSIFIERS_LOCK = threading.Lock()
+
+
+def _classifier(model_dir: str | Path, batch_size: int) -> Any:
+    """The model of `model_dir`, loaded once per worker process (again when its model.pt changes)."""
+    from pipeline_steps import inference
+
+    weights = Path(model_dir) / "model.pt"
+    stat = weights.stat()
+    key = (str(Path(model_dir).resolve()), int(batch_size), stat.st_mtime_ns, stat.st_size)
+    with _CLASSIFIERS_LOCK:
+        if key not in _CLASSIFIERS:
+            while len(_CLASSIFIERS) >= 4:  # the served kinds' models, at most; oldest out first
+                _CLASSIFIERS.pop(next(iter(_CLASSIFIERS)))
+            _CLASSIFIERS[key] =  inference.load_classifier(model_dir, batch_size=int(batch_size))
+        return _CLASSIFIERS[key]
+
+
+def predict_shard(
+    model_dir: str | Path,
+    shard: Shard,
+    clean_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    batch_size: int,
+    feature_cache_dir: str | Path | None = None,
+    num_threads: int | None = None,
+) -> dict[str, Any]:
+    """The model's embeddings + class probabilities of rows [shard.start, shard.stop) of its listings,
+    written as ``<out_dir>/<shard>.npy`` (embeddings), ``.proba.npy`` and ``.parquet`` (ids), with
+    `num_threads` torch threads (`pass_threads`: pass the single-process pass's count)."""
+    from pipeline_steps import inference
+
+    classifier = _classifier(model_dir, batch_size)
+    started = time.perf_counter()
+    with torch_threads(pass_threads(num_threads)):
+        prediction = inference.predict_split(
+            classifier, clean_dir, None, progress=False, feature_cache_dir=feature_cache_dir, rows=(shard.start, shard.stop)
+        )
+    seconds = time.perf_counter() - started
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"vectors": out_dir / f"{shard.name}.npy", "proba": out_dir / f"{shard.name}.proba.npy", "ids": out_dir / f"{shard.name}.parquet"}
+    for key, array in (("vectors", prediction.embeddings), ("proba", prediction.proba)):
+        tmp = out_dir / f".{paths[key].name}.tmp"
+        with tmp.open("wb") as handle:
+            np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
+        tmp.replace(paths[key])
+    prediction.ids.to_parquet(paths["ids"], index=False)
+    n = len(prediction.ids)
+    rate = n / seconds if seconds > 0 else float("inf")
+    print(f"{classifier.kind} {shard.name} rows {shard.start}-{shard.stop}: {n} rows in {seconds:.1f} s ({rate:.1f} rows/s)")
+    return {"shard": shard.number, "rows": n, "seconds": seconds, **{key: str(path) for key, path in paths.items()}}
+
+
+def merge_predictions(results: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(embeddings, probabilities, ids) of every shard of `predict_shard`, concatenated in shard order."""
+    ordered = sorted(results, key=lambda r: r["shard"])
+    if not ordered:
+        raise ConfigError("no shards to merge: the listings are empty")
+    vectors, ids = merge_shards(ordered)
+    proba = np.concatenate([np.load(r["proba"]) for r in ordered])
+    return vectors, proba, ids
 
 
 # --------------------------------------------------------------------------- indexes
