@@ -52,8 +52,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline_steps import baselines, evaluation, inference, models, training  # noqa: E402
+from pipeline_steps import baselines, evaluation, inference, models, training, training_loop, wide_branch  # noqa: E402
 from pipeline_steps import datasets as ds  # noqa: E402
+from pipeline_steps.train_params import model_params  # noqa: E402
 
 ALL_MODELS = (
     "text_deep", "text_wide", "text_wide_deep", "text_baseline", "image", "multimodal_deep", "multimodal", "text_fine_tuned", "ensemble",
@@ -182,21 +183,21 @@ class _WideOnly(nn.Module):
 
 def run_text_wide_only(params: dict[str, Any], clean_dir: Path, work: Path) -> dict[str, Any]:
     """Same featurizer, layer, loop and settings as the wide branch of text_wide_deep, without the deep head."""
-    section = training.model_params(params, "text")
+    section = model_params(params, "text")
     started = time.perf_counter()
     data = ds.load_clean(clean_dir)
     frames = {s: data.products_of(s) for s in ("train", "val", "test")}
-    featurizer = models.WideFeaturizer.fit(frames["train"]["text"].tolist(), training.wide_settings(section, "text"))
-    wide_opt = training.wide_optimizer_settings(section, "text", float(section["lr"]))
-    settings = training.loop_settings({**section, "checkpoints_dir": str(work / "checkpoints" / "text_wide")}, "text", progress=False)
+    featurizer = models.WideFeaturizer.fit(frames["train"]["text"].tolist(), wide_branch.wide_settings(section, "text"))
+    wide_opt = wide_branch.wide_optimizer_settings(section, "text")
+    settings = training_loop.loop_settings({**section, "checkpoints_dir": str(work / "checkpoints" / "text_wide")}, "text", progress=False)
     sets = {
         s: ds.TensorDictDataset({}, frame["label"].tolist(), sparse=featurizer.transform(frame["text"].tolist())) for s, frame in frames.items()
     }
-    training.seed_everything(settings.seed)
-    with training.deterministic(settings.num_threads):
+    training_loop.seed_everything(settings.seed)
+    with training_loop.deterministic(settings.num_threads):
         model = _WideOnly(models.WideLinear(featurizer.n_features, len(data.classes), wide_opt["dropout"]), len(data.classes))
         groups = [{"params": list(model.parameters()), "lr": wide_opt["lr"], "weight_decay": wide_opt["weight_decay"]}]
-        outcome = training.fit(model, groups, sets["train"], sets["val"], ds.collate_tensor_dicts, settings)
+        outcome = training_loop.fit(model, groups, sets["train"], sets["val"], ds.collate_tensor_dicts, settings)
         out: dict[str, Any] = {}
         with torch.inference_mode():
             for split in ("val", "test"):
@@ -211,7 +212,7 @@ def run_text_wide_only(params: dict[str, Any], clean_dir: Path, work: Path) -> d
         "epochs_run": len(outcome.history),
         "stopped_early": outcome.stopped_early,
         "n_features": featurizer.n_features,
-        "wide": {**wide_opt, **training.wide_settings(section, "text")},
+        "wide": {**wide_opt, **wide_branch.wide_settings(section, "text")},
     }
 
 

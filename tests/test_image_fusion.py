@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline_steps import inference, training
+from pipeline_steps import inference, photo_calibration, training
 from pipeline_steps.errors import ConfigError
 
 try:  # the tiny-bundle helpers moved from service/ to tests/support/
@@ -40,7 +40,7 @@ def test_photo_calibration_is_fitted_on_val_saved_and_leaves_the_no_photo_path_a
     result = training.train_multimodal_classifier(clean, params["train"], models_dir / "image", models_dir / "text", models_dir / "multimodal", progress=False)
     calibration = result.config["architecture"]["photo_calibration"]
     assert calibration["mode"] == "val" and calibration["fitted_on"] > 0
-    assert 0.0 <= calibration["val_cv_accuracy_after"] <= 1.0 and calibration["l2"] in training.PHOTO_CALIBRATION_L2
+    assert 0.0 <= calibration["val_cv_accuracy_after"] <= 1.0 and calibration["l2"] in photo_calibration.PHOTO_CALIBRATION_L2
 
     classifier = inference.load_classifier(models_dir / "multimodal", device="cpu")
     module = classifier.module

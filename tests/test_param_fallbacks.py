@@ -33,7 +33,7 @@ ALLOWED = {
     # the pixel baseline's saved config.json
     ("pipeline_steps/baselines.py", "self.config"): "saved model config",
     # the multimodal model reads the trained image tower's config.json
-    ("pipeline_steps/training.py", "image_loaded.config['preprocessing']"): "saved model config",
+    ("pipeline_steps/recipe_multimodal.py", "image_loaded.config['preprocessing']"): "saved model config",
     # bundle.json's entries (`dir` of a model/index inside a packaged bundle)
     ("service/bundle.py", "meta"): "bundle metadata",
 }

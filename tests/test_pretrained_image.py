@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline_steps import image_features, inference, models, training
+from pipeline_steps import image_features, inference, models, recipe_image, training
 from pipeline_steps.errors import ConfigError
 from tests.support import tiny_bundle as devtools
 from tests.support.train_sections import image_section, multimodal_section, text_section
@@ -187,11 +187,11 @@ def test_fine_tune_mode_trains_the_last_blocks_end_to_end(tiny: tuple[Path, dict
 
 
 def test_auto_mode_is_frozen_on_cpu_and_fine_tune_on_cuda() -> None:
-    assert training.resolve_image_mode("auto", torch.device("cpu")) == "frozen"
-    assert training.resolve_image_mode("auto", torch.device("cuda")) == "fine_tune"
-    assert training.resolve_image_mode("auto", torch.device("cpu"), pretrained=False) == "fine_tune"
+    assert recipe_image.resolve_image_mode("auto", torch.device("cpu")) == "frozen"
+    assert recipe_image.resolve_image_mode("auto", torch.device("cuda")) == "fine_tune"
+    assert recipe_image.resolve_image_mode("auto", torch.device("cpu"), pretrained=False) == "fine_tune"
     with pytest.raises(ConfigError, match=r"train\.image\.mode.*frozen"):
-        training.resolve_image_mode("half", torch.device("cpu"))
+        recipe_image.resolve_image_mode("half", torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------- odd photos at request time

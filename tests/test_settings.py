@@ -76,7 +76,7 @@ def test_a_params_file_that_breaks_the_schema_fails_at_load(tmp_path: Path) -> N
 
 def test_accepted_values_agree_with_the_code_that_uses_them() -> None:
     """The schema repeats the code's choice lists (importing them would pull torch into every stage)."""
-    from pipeline_steps import models, ranking, text_hygiene, training
+    from pipeline_steps import models, ranking, recipe_image, text_hygiene, training_loop
 
     fields = settings.Settings.model_fields
     assert set(settings.BACKBONES) == set(models.BACKBONES)
@@ -90,10 +90,10 @@ def test_accepted_values_agree_with_the_code_that_uses_them() -> None:
     def choices(field) -> set:  # noqa: ANN001
         return set(field.annotation.__args__)
 
-    assert choices(train["lr_schedule"]) == set(training.LR_SCHEDULES)
-    assert choices(train["device"]) == set(training.DEVICES)
-    assert choices(image["mode"]) == set(training.IMAGE_MODES)
-    assert choices(image["search_embedding"]) == set(training.SEARCH_EMBEDDINGS)
+    assert choices(train["lr_schedule"]) == set(training_loop.LR_SCHEDULES)
+    assert choices(train["device"]) == set(training_loop.DEVICES)
+    assert choices(image["mode"]) == set(recipe_image.IMAGE_MODES)
+    assert choices(image["search_embedding"]) == set(recipe_image.SEARCH_EMBEDDINGS)
     assert choices(multimodal["image_pooling"]) == set(models.IMAGE_POOLING)
     assert choices(multimodal["image_input"]) == set(models.IMAGE_INPUTS)
     assert choices(multimodal["fusion"]) == set(models.FUSIONS)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline_steps import datasets as ds
-from pipeline_steps import training
+from pipeline_steps import recipe_multimodal, text_embedding_cache, train_params, training, training_loop, training_recipe
 from pipeline_steps.errors import ConfigError, DataValidationError, PipelineError
 from tests.support.synthetic import write_synthetic_clean
 from tests.support.train_sections import train_section
@@ -136,7 +136,7 @@ def test_text_classifier_with_frozen_encoder_caches_embeddings(
     def no_encoding(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the cached embeddings should have been reused")
 
-    monkeypatch.setattr(training, "encode_texts", no_encoding)
+    monkeypatch.setattr(text_embedding_cache, "encode_texts", no_encoding)
     params = tiny_params(checkpoints.parent)
     params["text"]["epochs"] = 1
     again = training.train_text_classifier(clean_dir, params, checkpoints.parent / "text-again", progress=False)
@@ -227,19 +227,19 @@ def test_multimodal_reuses_the_text_towers_wide_branch(
     params["multimodal"]["epochs"] = 1
     before = torch.load(wide_text.model_dir / "model.pt", weights_only=True)["wide.bag.weight"]
     seen: list[torch.Tensor] = []
-    original_fit = training.fit
+    original_fit = training_recipe.fit
 
     def spy_fit(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         seen.append(model.wide.bag.weight.detach().clone())  # the weights training starts from
         return original_fit(model, *args, **kwargs)
 
-    training.fit = spy_fit
+    training_recipe.fit = spy_fit
     try:
         result = training.train_multimodal_classifier(
             clean_dir, params, towers["image"].model_dir, wide_text.model_dir, tmp_path / "multimodal", progress=False
         )
     finally:
-        training.fit = original_fit
+        training_recipe.fit = original_fit
     assert torch.equal(seen[0], before)  # initialised from the text tower's wide layer
     assert models.WIDE_FILE in _model_files(result.model_dir)
     wide = result.config["architecture"]["wide"]
@@ -249,11 +249,11 @@ def test_multimodal_reuses_the_text_towers_wide_branch(
     assert "wide.bag.weight" in state and not any(key.startswith("text_tower.wide") for key in state)  # one copy only
 
     params["multimodal"]["wide_init"] = "zero"
-    training.fit = spy_fit
+    training_recipe.fit = spy_fit
     try:
         training.train_multimodal_classifier(clean_dir, params, towers["image"].model_dir, wide_text.model_dir, tmp_path / "zero", progress=False)
     finally:
-        training.fit = original_fit
+        training_recipe.fit = original_fit
     assert seen[-1].abs().sum() == 0
 
 
@@ -294,13 +294,13 @@ def test_wide_settings_are_checked_naming_their_keys(clean_dir: Path, tmp_path: 
     params = _wide_params(tmp_path)
     params["multimodal"]["wide_init"] = "random"
     with pytest.raises(ConfigError, match=r"train\.multimodal\.wide_init.*tower"):
-        training._multimodal_wide(params["multimodal"], True, {}, None, [], 13)
+        recipe_multimodal.multimodal_wide(params["multimodal"], True, {}, None, [], 13)
 
 
 def test_lr_warm_up_epochs_do_not_count_towards_patience(clean_dir: Path, tmp_path: Path) -> None:
-    assert training.warmup_epochs("onecycle", steps_per_epoch=10, epochs=12) == 2  # the LR peaks in epoch 3
-    assert training.warmup_epochs("onecycle", steps_per_epoch=4, epochs=6) == 0
-    assert training.warmup_epochs("cosine", steps_per_epoch=10, epochs=12) == 0
+    assert training_loop.warmup_epochs("onecycle", steps_per_epoch=10, epochs=12) == 2  # the LR peaks in epoch 3
+    assert training_loop.warmup_epochs("onecycle", steps_per_epoch=4, epochs=6) == 0
+    assert training_loop.warmup_epochs("cosine", steps_per_epoch=10, epochs=12) == 0
     params = tiny_params(tmp_path)
     params["early_stopping_patience"] = 1
     params["text"].update({"epochs": 20, "batch_size": 8, "lr": 0.0, "weight_decay": 0.0})  # val loss never improves
@@ -371,15 +371,15 @@ def test_loop_settings_read_grad_clip_and_label_smoothing_from_params(tmp_path: 
     params = tiny_params(tmp_path)
     params.update(grad_clip=0.5, label_smoothing=0.05)
     params["image"]["label_smoothing"] = 0.1
-    image = training.loop_settings(training.model_params(params, "image"), "image", progress=False)
-    text = training.loop_settings(training.model_params(params, "text"), "text", progress=False)
+    image = training_loop.loop_settings(train_params.model_params(params, "image"), "image", progress=False)
+    text = training_loop.loop_settings(train_params.model_params(params, "text"), "text", progress=False)
     assert (image.grad_clip, image.label_smoothing) == (0.5, 0.1)
     assert (text.grad_clip, text.label_smoothing) == (0.5, 0.05)
     params["text"]["label_smoothing"] = None
-    assert training.loop_settings(training.model_params(params, "text"), "text").label_smoothing == 0.05
+    assert training_loop.loop_settings(train_params.model_params(params, "text"), "text").label_smoothing == 0.05
     del params["grad_clip"]
     with pytest.raises(ConfigError, match=r"train\.grad_clip.*missing"):
-        training.loop_settings(training.model_params(params, "text"), "text")
+        training_loop.loop_settings(train_params.model_params(params, "text"), "text")
 
 
 def test_unknown_backbone_fails_before_any_data_is_read(tmp_path: Path) -> None:
