@@ -26,3 +26,22 @@ def replace_section(path: Path, heading: str, section: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(new, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def replace_block(path: Path, name: str, text: str) -> None:
+    """Replace what lies between ``<!-- {name}:start -->`` and ``<!-- {name}:end -->`` in `path`.
+
+    Args:
+        path: a Markdown file holding both markers (e.g. README.md).
+        name: the block's name.
+        text: the new content (generated, never typed).
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    content = path.read_text(encoding="utf-8")
+    if start not in content or end not in content:
+        raise SystemExit(f"{path} has no {start} ... {end} block to replace")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{head}{start}\n{text}{end}{tail}", encoding="utf-8")
+    os.replace(tmp, path)
