@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-readme", type=Path, default=None,
                         help="replace the <!-- ranking_report:start/end --> block of this file with the headline table")
     parser.add_argument("--render", type=Path, default=None, help="only render this JSON report (with --update-readme)")
+    parser.add_argument("--bundle-out", type=Path, default=None,
+                        help="also save the indexes with their ranking files and assemble a serving bundle here "
+                             "(the models of --models-dir; for benchmarks/ranking_latency.py)")
     args = parser.parse_args(argv)
     if args.render is not None:
         saved = json.loads(args.render.read_text())
@@ -152,8 +155,19 @@ def main(argv: list[str] | None = None) -> int:
         index = SimilarityIndex.build(vectors, ids, kind=kind, factory="Flat", use_gpu=False,
                                       model_name=f"local-{kind}", model_version="0")
         kinds[kind] = KindData(index, vectors, ids, probs, classes)
+    index_dirs = None
+    if args.bundle_out is not None:
+        index_dirs = {kind: args.work_dir / "index" / kind for kind in kinds}
+        for kind, data in kinds.items():
+            data.index.save(index_dirs[kind])
     start = time.time()
-    report = fit_and_report(kinds, products, settings, ks=params["index"]["eval_k"])
+    report = fit_and_report(kinds, products, settings, ks=params["index"]["eval_k"], index_dirs=index_dirs)
+    if args.bundle_out is not None:
+        from pipeline_steps.packaging import assemble_bundle
+
+        assemble_bundle(args.bundle_out, {kind: (args.models_dir / kind, f"local-{kind}", "0") for kind in kinds},
+                        index_dirs, args.clean_dir)
+        print(f"bundle written to {args.bundle_out}", flush=True)
     print(f"ranking fitted and scored in {time.time() - start:.1f}s", flush=True)
     meta = {
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
