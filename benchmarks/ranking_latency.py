@@ -69,16 +69,43 @@ def ranking_step_latency(bundle: Path, dense: Path, n: int) -> dict:
     return out
 
 
+def markdown(payload: dict) -> str:
+    """BENCHMARKS.md's table for one saved run (regenerated with --render, never typed)."""
+    lines = [f"`{payload['command']}` ({payload.get('generated_at', '?')}; bundle: {payload.get('bundle', 'see command')})", "",
+             "| ranking | p50 ms (rounds) | p99 ms (rounds) | median p99 ms | median req/s |", "|---|---|---|---:|---:|"]
+    for name, entry in payload["summary"].items():
+        p50 = " / ".join(f"{r['p50_ms']:,.0f}" for r in entry["rounds"])
+        p99 = " / ".join(f"{r['p99_ms']:,.0f}" for r in entry["rounds"])
+        lines.append(f"| {name} | {p50} | {p99} | {entry['median_p99_ms']:,.0f} | {entry['median_rps']:.1f} |")
+    lines += ["", f"Median p99 ratio (now / before): **{payload['p99_ratio']}** (target ≤ 1.5)."]
+    step = payload.get("ranking_step_in_process")
+    if step:
+        parts = [f"{name}: p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms" for name, v in step.items() if isinstance(v, dict)]
+        lines += ["", f"The ranking step alone, in-process on the same query embeddings (`{step['command']}`): " + "; ".join(parts) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "ranking_latency.json")
     parser.add_argument("-n", type=int, default=1500)
     parser.add_argument("-c", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--step-only", type=int, default=0, metavar="N",
                         help="only time the ranking step in-process on N queries and add it to --out")
+    parser.add_argument("--render", action="store_true", help="only render --out as Markdown")
+    parser.add_argument("--update-markdown", type=Path, default=None,
+                        help="replace the <!-- ranking_latency:start/end --> block of this file with the table")
     args = parser.parse_args(argv)
+    if args.render:
+        text = markdown(json.loads(args.out.read_text()))
+        if args.update_markdown is not None:
+            from benchmarks.markdown_report import replace_block
+
+            replace_block(args.update_markdown, "ranking_latency", text)
+        print(text)
+        return 0
     if args.step_only:
         with tempfile.TemporaryDirectory(prefix="ranking_latency_") as tmp:
             step = ranking_step_latency(args.bundle, dense_only_copy(args.bundle, Path(tmp) / "dense_bundle"), args.step_only)

@@ -8,7 +8,7 @@ here, not a default hidden in code (the one exception, `train.<model>.label_smoo
 is an explicit per-model override of `train.label_smoothing`).
 
 The models mirror params.yaml section by section; accepted values repeat the constants
-the code checks (e.g. training.LR_SCHEDULES) because importing those modules would pull
+the code checks (e.g. training_loop.LR_SCHEDULES) because importing those modules would pull
 torch into every stage: tests/test_settings.py checks that both lists agree.
 """
 
