@@ -120,8 +120,10 @@ def predict_on_dask_flow(model_dirs: dict[str, str], settings: dict[str, Any]) -
     for kind, futures in submitted.items():
         results = [future.result() for future in futures]
         merged[kind] = sharding.merge_predictions(results)
-        seconds = time.perf_counter() - started
-        print(f"{kind}: {len(merged[kind][2])} rows in {len(results)} shards on Dask, {seconds:.1f} s since the first shard was submitted")
+        seconds, n = time.perf_counter() - started, len(merged[kind][2])
+        shard_s = sum(r["seconds"] for r in results)
+        print(f"{kind}: {n} rows in {len(results)} shards on Dask ({n / shard_s if shard_s else 0:.1f} rows/s per task), "
+              f"all in {seconds:.1f} s since the first shard was submitted")
     return merged
 
 

@@ -333,14 +333,19 @@ def predict_split(
         texts = products["text"].tolist()
         by_product = data.image_paths_by_product()
         sources = [by_product.get(p, []) for p in products["product_id"]] if classifier.kind == "multimodal" else []
+    photo_window: tuple[list[Any], int, int] | None = None
     if rows is not None:
         start, stop = int(rows[0]), int(rows[1])
+        if classifier.kind in ("image", "multimodal"):  # the shard's photos within all of them (for _photo_features)
+            counts = [1] * len(sources) if classifier.kind == "image" else [len(paths) for paths in sources]
+            flat_all = sources if classifier.kind == "image" else [path for paths in sources for path in paths]
+            photo_window = (flat_all, sum(counts[:start]), sum(counts[:stop]))
         frame = frame.iloc[start:stop]
         sources = sources[start:stop]
         texts = None if texts is None else texts[start:stop]
     n, step = len(frame), batch_size or classifier.batch_size
     if feature_cache_dir is not None and classifier.kind in ("image", "multimodal"):
-        return _predict_from_features(classifier, frame, sources, texts, feature_cache_dir, step, progress)
+        return _predict_from_features(classifier, frame, sources, texts, feature_cache_dir, step, progress, photo_window)
     probas, embeddings = [np.zeros((0, len(classifier.classes)), np.float32)], [np.zeros((0, classifier.embedding_dim), np.float32)]
     for start in tqdm(range(0, n, step), desc=f"{classifier.kind} {split or 'all'}", disable=not progress, leave=False):
         stop = min(n, start + step)
@@ -355,21 +360,43 @@ def predict_split(
     return SplitPrediction(frame.reset_index(drop=True), frame["label"].to_numpy(), np.concatenate(probas), np.concatenate(embeddings))
 
 
+FEATURE_BATCH = 32  # photos per backbone batch of the feature cache's misses (image_features.backbone_features)
+
+
+def _photo_features(
+    classifier: Classifier, flat: list[Any], cache_dir: str | Path, progress: bool, window: tuple[list[Any], int, int] | None
+) -> torch.Tensor:
+    """Backbone features of `flat`, the photos [lo, hi) of `window`'s list of all photos when given (one
+    shard). A shard's photos go through the backbone in the batches of the whole run: the range is
+    widened to FEATURE_BATCH boundaries of all photos and cut back, since CPU kernels can round a
+    photo's features differently in another batch. (With a cache holding only some of the photos, or
+    photos of identical bytes in two shards, the misses' batches depend on what else is cached or
+    computed: then the last bits may differ from the whole run.)"""
+    from pipeline_steps import image_features
+
+    tower = classifier.module if classifier.kind == "image" else classifier.module.image_tower
+    lo = hi = 0
+    if window is not None:
+        all_photos, lo, hi = window
+        wide_lo, wide_hi = lo - lo % FEATURE_BATCH, min(len(all_photos), -(-hi // FEATURE_BATCH) * FEATURE_BATCH)
+        flat, lo, hi = list(all_photos[wide_lo:wide_hi]), lo - wide_lo, hi - wide_lo
+    features = image_features.backbone_features(
+        tower.backbone_name, tower.backbone, classifier.loaded.preprocessor, flat, cache_dir=cache_dir,
+        device=classifier.device, batch_size=FEATURE_BATCH, progress=progress, write=False,
+    )
+    return features if window is None else features[lo:hi]
+
+
 @torch.inference_mode()
 def _predict_from_features(
-    classifier: Classifier, frame: pd.DataFrame, sources: list[Any], texts: list[Any] | None, cache_dir: str | Path, step: int, progress: bool
+    classifier: Classifier, frame: pd.DataFrame, sources: list[Any], texts: list[Any] | None, cache_dir: str | Path, step: int, progress: bool,
+    photo_window: tuple[list[Any], int, int] | None = None,
 ) -> SplitPrediction:
     """predict_split with the photos' backbone features read from the frozen-feature cache
     (`image_features`, keyed by backbone weights + preprocessing + photo bytes; missing ones are
     computed, not stored). The same outputs as running the photos through the model."""
-    from pipeline_steps import image_features
-
-    tower = classifier.module if classifier.kind == "image" else classifier.module.image_tower
     flat = sources if classifier.kind == "image" else [path for paths in sources for path in paths]
-    features = image_features.backbone_features(
-        tower.backbone_name, tower.backbone, classifier.loaded.preprocessor, flat, cache_dir=cache_dir,
-        device=classifier.device, progress=progress, write=False,
-    )
+    features = _photo_features(classifier, flat, cache_dir, progress, photo_window)
     probas, embeddings = [np.zeros((0, len(classifier.classes)), np.float32)], [np.zeros((0, classifier.embedding_dim), np.float32)]
     starts = np.concatenate([[0], np.cumsum([len(paths) for paths in sources])]) if classifier.kind == "multimodal" else None
     for start in range(0, len(frame), step):

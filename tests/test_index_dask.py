@@ -45,8 +45,9 @@ def tiny_work(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def _settings(work: Path, tmp_path: Path) -> dict:
+    # an empty feature cache: every photo goes through the backbone (in the shard tasks), the hard case
     return load_params(None, [
-        f"data.clean_dir={work / 'clean'}", f"train.image.features_dir={work / 'features'}",
+        f"data.clean_dir={work / 'clean'}", f"train.image.features_dir={tmp_path / 'no-features'}",
         f"index.embeddings_dir={tmp_path / 'embeddings'}", f"index.batch_size={BATCH}", "index.factory=Flat",
         "index.use_gpu=false", "train.num_threads=1",
         "distributed.index_on_dask=true", "distributed.shard_size=16", "distributed.n_workers=2",
@@ -54,24 +55,31 @@ def _settings(work: Path, tmp_path: Path) -> dict:
     ])
 
 
-def _single_process(work: Path, kind: str) -> inference.SplitPrediction:
+def _single_process(work: Path, kind: str, features: Path) -> inference.SplitPrediction:
     """What index_task computes without Dask."""
     classifier = inference.load_classifier(work / "models" / kind, batch_size=BATCH)
-    return inference.predict_split(classifier, work / "clean", None, progress=False, feature_cache_dir=work / "features")
+    return inference.predict_split(classifier, work / "clean", None, progress=False, feature_cache_dir=features)
 
 
 def _index(vectors: np.ndarray, ids: pd.DataFrame, settings: dict, kind: str) -> SimilarityIndex:
     return SimilarityIndex.from_settings(vectors, ids, IndexSettings.from_params(settings["index"]), kind=kind, model_name="m", model_version="1")
 
 
-def test_predict_split_rows_are_a_slice_of_the_whole_pass(tiny_work: Path) -> None:
-    whole = _single_process(tiny_work, "multimodal")
-    classifier = inference.load_classifier(tiny_work / "models" / "multimodal", batch_size=BATCH)
-    part = inference.predict_split(classifier, tiny_work / "clean", None, progress=False, feature_cache_dir=tiny_work / "features", rows=(8, 24))
-    np.testing.assert_array_equal(part.embeddings, whole.embeddings[8:24])
-    np.testing.assert_array_equal(part.proba, whole.proba[8:24])
-    pd.testing.assert_frame_equal(part.ids, whole.ids.iloc[8:24].reset_index(drop=True))
-    assert sharding.listing_count(tiny_work / "clean", "multimodal") == len(whole.ids)
+@pytest.mark.parametrize("cached", [True, False], ids=["feature-cache", "no-feature-cache"])
+@pytest.mark.parametrize("kind", ["image", "multimodal"])
+def test_predict_split_rows_are_slices_of_the_whole_pass(tiny_work: Path, tmp_path: Path, kind: str, cached: bool) -> None:
+    """Shards of 16 rows start at photo offsets that are no multiple of the backbone batch: the
+    photos still go through the backbone in the whole pass's batches (the last bits would differ)."""
+    features = tiny_work / "features" if cached else tmp_path / "empty"
+    whole = _single_process(tiny_work, kind, features)
+    classifier = inference.load_classifier(tiny_work / "models" / kind, batch_size=BATCH)
+    n = len(whole.ids)
+    assert sharding.listing_count(tiny_work / "clean", kind) == n
+    parts = [inference.predict_split(classifier, tiny_work / "clean", None, progress=False, feature_cache_dir=features, rows=(s.start, s.stop))
+             for s in sharding.plan_shards(n, 16, BATCH)]
+    np.testing.assert_array_equal(np.concatenate([p.embeddings for p in parts]), whole.embeddings)
+    np.testing.assert_array_equal(np.concatenate([p.proba for p in parts]), whole.proba)
+    pd.testing.assert_frame_equal(pd.concat([p.ids for p in parts], ignore_index=True), whole.ids)
 
 
 def test_index_stage_pass_on_dask_equals_single_process(tiny_work: Path, tmp_path: Path) -> None:
@@ -84,7 +92,7 @@ def test_index_stage_pass_on_dask_equals_single_process(tiny_work: Path, tmp_pat
     assert sorted(fill_stores_on_dask(models, settings)) == sorted(INDEX_KINDS)
 
     for kind in INDEX_KINDS:
-        single = _single_process(tiny_work, kind)
+        single = _single_process(tiny_work, kind, tmp_path / "no-features")
         n = len(single.ids)
         assert len(sharding.plan_shards(n, 16, BATCH)) >= 2
         stored, stored_probs = (store.load_if_fresh(_cache_key(models[kind], settings)) for store in _stores(kind, settings))
