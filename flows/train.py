@@ -43,24 +43,8 @@ def train_neural_task(kind: str, settings: dict[str, Any], resume: bool) -> str:
     resume_run = tracking.run_id_of(checkpoint_dir) if resume else None
     with tracking.training_run(settings, f"{kind}-classifier", section, resume_run) as run:
         tracking.remember_run(checkpoint_dir, run.info.run_id)
-        if kind == "image":
-            training.train_image_classifier(
-                clean_dir, settings["train"], out_dir, resume=resume, on_epoch_end=tracking.log_epoch
-            )
-        elif kind == "text":
-            training.train_text_classifier(
-                clean_dir, settings["train"], out_dir, resume=resume, on_epoch_end=tracking.log_epoch
-            )
-        else:
-            training.train_multimodal_classifier(
-                clean_dir,
-                settings["train"],
-                models_dir / "image",
-                models_dir / "text",
-                out_dir,
-                resume=resume,
-                on_epoch_end=tracking.log_epoch,
-            )
+        # one process, or train.distributed.nproc under torchrun (DistributedDataParallel)
+        training.train_model(kind, clean_dir, settings["train"], models_dir, resume=resume, on_epoch_end=tracking.log_epoch)
         tracking.remember_run(out_dir, run.info.run_id)
         mlflow.log_artifact(str(out_dir / "config.json"), artifact_path="model_config")
     return str(out_dir)

@@ -224,6 +224,11 @@ class BaselineSettings(Section):
     price_alpha: NonNegativeFloat
 
 
+class DistributedTrainSettings(Section):
+    nproc: PositiveInt  # > 1: torchrun + DistributedDataParallel (pipeline_steps/ddp_worker.py)
+    lr_scaling: Literal["linear", "sqrt", "none"]  # training_loop.LR_SCALINGS
+
+
 class TrainSettings(Section):
     seed: NonNegativeInt
     device: Literal["auto", "cpu", "cuda"]
@@ -236,6 +241,7 @@ class TrainSettings(Section):
     label_smoothing: Probability
     models_dir: str
     checkpoints_dir: str
+    distributed: DistributedTrainSettings
     image: ImageTrainSettings
     text: TextTrainSettings
     multimodal: MultimodalTrainSettings

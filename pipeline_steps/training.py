@@ -7,8 +7,12 @@ read the clean data, check its splits, seed, build, fit, save) with the model's 
 * recipe_text.py: the text classifier (frozen or fine-tuned sentence encoder, + wide branch);
 * recipe_multimodal.py: image + text from the trained towers (+ wide branch, photo calibration).
 
+`train_model` is what the train stage calls: one process, or with `train.distributed.nproc` > 1
+torchrun + DistributedDataParallel (pipeline_steps/ddp_worker.py), whose ranks run
+`train_in_process` too, so 1 and N processes train through the same code.
+
 The loop itself (device, mixed precision, schedules, early stopping, checkpoints/resume,
-reproducibility) is training_loop.py; the model directory is model_dir.py (docs/ARCHITECTURE.md,
+reproducibility, data parallelism) is training_loop.py; the model directory is model_dir.py (docs/ARCHITECTURE.md,
 "Trained models"). MLflow is not imported here: the flow passes `on_epoch_end` to log metrics.
 """
 
@@ -18,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline_steps import ddp_worker
 from pipeline_steps.model_dir import TrainResult
 from pipeline_steps.recipe_image import ImageRecipe
 from pipeline_steps.recipe_multimodal import MultimodalRecipe
@@ -25,7 +30,14 @@ from pipeline_steps.recipe_text import TextRecipe
 from pipeline_steps.training_loop import EpochCallback
 from pipeline_steps.training_recipe import run_recipe
 
-__all__ = ["TrainResult", "train_image_classifier", "train_multimodal_classifier", "train_text_classifier"]
+__all__ = [
+    "TrainResult",
+    "train_image_classifier",
+    "train_in_process",
+    "train_model",
+    "train_multimodal_classifier",
+    "train_text_classifier",
+]
 
 
 def train_image_classifier(
@@ -92,3 +104,60 @@ def train_multimodal_classifier(
     """
     recipe = MultimodalRecipe(train_params, image_model_dir, text_model_dir, progress)
     return run_recipe(recipe, clean_dir, out_dir, resume, on_epoch_end)
+
+
+def train_in_process(
+    kind: str,
+    clean_dir: str | Path,
+    train_params: Mapping[str, Any],
+    models_dir: str | Path,
+    resume: bool = False,
+    on_epoch_end: EpochCallback | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `kind` in this process (one of the ranks under torchrun) into `models_dir/kind`.
+
+    Args:
+        kind: image, text or multimodal (the multimodal model reads the towers in `models_dir/image`, `models_dir/text`).
+        models_dir: `train.models_dir`.
+        the others: as for `train_image_classifier`.
+
+    Returns:
+        What the kind's train_* entry point returned.
+    """
+    out_dir = Path(models_dir) / kind
+    if kind == "image":
+        return train_image_classifier(clean_dir, train_params, out_dir, resume, on_epoch_end, progress)
+    if kind == "text":
+        return train_text_classifier(clean_dir, train_params, out_dir, resume, on_epoch_end, progress)
+    if kind == "multimodal":
+        models = Path(models_dir)
+        return train_multimodal_classifier(clean_dir, train_params, models / "image", models / "text", out_dir, resume, on_epoch_end, progress)
+    raise ValueError(f"unknown neural model kind {kind!r} (image, text or multimodal)")
+
+
+def train_model(
+    kind: str,
+    clean_dir: str | Path,
+    train_params: Mapping[str, Any],
+    models_dir: str | Path,
+    resume: bool = False,
+    on_epoch_end: EpochCallback | None = None,
+    progress: bool = True,
+) -> Path:
+    """What the train stage runs for a neural model: in this process, or in `train.distributed.nproc`
+    processes under torchrun (DistributedDataParallel, pipeline_steps/ddp_worker.py).
+
+    Args: as for `train_in_process`; `on_epoch_end` is called in this process either way (with N
+    processes, as rank 0 finishes each epoch).
+
+    Returns:
+        The model directory written (`models_dir/kind`).
+
+    Raises:
+        PipelineError: the distributed run failed (the message names the torchrun command and its exit code).
+    """
+    nproc = ddp_worker.distributed_nproc(train_params)
+    if nproc > 1:
+        return ddp_worker.launch(kind, nproc, clean_dir, train_params, models_dir, resume, on_epoch_end, progress)
+    return train_in_process(kind, clean_dir, train_params, models_dir, resume, on_epoch_end, progress).model_dir

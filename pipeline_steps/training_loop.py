@@ -14,6 +14,12 @@ image, text and multimodal models (pipeline_steps/recipe_*.py), and are tested o
   continues from it when its fingerprint (params + data) matches. Only the last one is
   kept: each is complete, older ones would only cost disk.
 * Early stopping on validation loss; the model is left with the best-val-loss weights.
+* Data-parallel when torch.distributed is initialised (the train stage under torchrun,
+  `train.distributed.nproc` > 1, pipeline_steps/ddp_worker.py): the trained module is wrapped in
+  DistributedDataParallel, each rank trains on its DistributedSampler slice of every epoch
+  (seeded by (seed, epoch) on every rank), rank 0 evaluates the val split and broadcasts the
+  loss so every rank takes the same early-stopping decision, and only rank 0 writes checkpoints
+  and calls `on_epoch_end`. Without torch.distributed (nproc 1) none of this runs.
 
 MLflow is not imported here: the flow passes `on_epoch_end` to log metrics.
 """
@@ -35,9 +41,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from pipeline_steps.config import require_choice, resolve_path
@@ -51,6 +59,8 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 #: the layout of a checkpoint file (last.pt).
 CHECKPOINT_FORMAT = 1
 LR_SCHEDULES = ("onecycle", "cosine")
+#: `train.distributed.lr_scaling`: the learning rate with N processes (effective batch x N).
+LR_SCALINGS = ("linear", "sqrt", "none")
 DEVICES = ("auto", "cpu", "cuda")
 #: shared keys that do not change what is learned, so a checkpoint may be resumed across them.
 RUNTIME_KEYS = ("device", "num_workers", "num_threads", "mixed_precision", "models_dir", "checkpoints_dir", "features_dir")
@@ -78,6 +88,7 @@ class LoopSettings:
     label_smoothing: float
     fingerprint: str = ""
     progress: bool = True
+    lr_scale: float = 1.0  # every group's lr is multiplied by this (`lr_scale`: several processes)
 
 
 def resolve_device(name: Any) -> torch.device:
@@ -139,18 +150,91 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run_fingerprint(kind: str, params: Mapping[str, Any], data_ids: Any) -> str:
+def run_fingerprint(kind: str, params: Mapping[str, Any], data_ids: Any, world_size: int = 1, lr_scale: float = 1.0) -> str:
     """What a checkpoint must match to be resumed: the model's params (runtime keys aside) and its data.
 
     Args:
         kind: image, text or multimodal.
         params: the model's flat params (`train_params.model_params`).
         data_ids: what identifies the training data (example ids, classes, tower hashes...).
+        world_size: processes training together (`Ranks.world`): their number sets the steps per
+            epoch and the LR schedule, so a checkpoint resumes only with as many; 1 adds nothing,
+            so single-process fingerprints are those of before.
+        lr_scale: what the learning rates are multiplied by (`lr_scale`), with several processes.
 
     Returns:
         A sha256 hex digest.
     """
-    return fingerprint({"kind": kind, "params": {k: v for k, v in params.items() if k not in RUNTIME_KEYS}, "data": data_ids})
+    payload = {"kind": kind, "params": {k: v for k, v in params.items() if k not in RUNTIME_KEYS}, "data": data_ids}
+    return fingerprint(payload if world_size == 1 else {**payload, "world_size": world_size, "lr_scale": lr_scale})
+
+
+# --------------------------------------------------------------------------- processes (torch.distributed)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's rank among the `world` processes training together (0 of 1 without torch.distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that evaluates, writes checkpoints and the model directory."""
+        return self.rank == 0
+
+
+def ranks() -> Ranks:
+    """The rank and world size of torch.distributed's default group, or `Ranks()` when it is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
+@contextmanager
+def main_rank_first() -> Iterator[None]:
+    """Rank 0 runs the block, then the other ranks do: e.g. rank 0 fills a feature cache that the others
+    then read instead of computing it again at the same time. A no-op in a single process."""
+    here = ranks()
+    if here.world > 1 and not here.main:
+        dist.barrier()
+    yield
+    if here.world > 1 and here.main:
+        dist.barrier()
+
+
+def lr_scale(train_params: Mapping[str, Any], world: int) -> float:
+    """The learning-rate factor of `world` processes: `train.distributed.lr_scaling` linear (x world, the
+    linear scaling rule for an effective batch `world` times larger), sqrt (x sqrt(world)) or none.
+    1 for one process, whatever the key says (it is then not read).
+
+    Args:
+        train_params: params.yaml's `train:` section (or the whole params).
+        world: processes training together.
+
+    Raises:
+        ConfigError: (world > 1) `train.distributed.lr_scaling` missing or unknown.
+    """
+    if world == 1:
+        return 1.0
+    train = train_params["train"] if isinstance(train_params.get("train"), Mapping) else train_params
+    section = required_key(train, "distributed", "train.distributed")
+    scaling = require_choice(required_key(section, "lr_scaling", "train.distributed.lr_scaling"), "train.distributed.lr_scaling", LR_SCALINGS)
+    return {"linear": float(world), "sqrt": math.sqrt(world), "none": 1.0}[scaling]
+
+
+def _from_main_rank(values: list[float], device: torch.device) -> list[float]:
+    """Rank 0's `values` on every rank (so every rank takes rank 0's decisions)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
+def _summed_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
 # --------------------------------------------------------------------------- reproducibility
@@ -250,13 +334,21 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _loader(dataset: Dataset, settings: LoopSettings, collate: Callable, shuffle: bool, epoch: int = 0) -> DataLoader:
-    drop_last = shuffle and len(dataset) > settings.batch_size and len(dataset) % settings.batch_size == 1
-    generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch) if shuffle else None
+def _loader(dataset: Dataset, settings: LoopSettings, collate: Callable, shuffle: bool, epoch: int = 0, here: Ranks = Ranks()) -> DataLoader:
+    """A loader over `dataset`; shuffled per epoch by (seed, epoch), and with several ranks (`here`), this
+    rank's DistributedSampler slice (every rank gets as many examples, so as many steps)."""
+    sampler = None
+    if shuffle and here.world > 1:
+        sampler = DistributedSampler(dataset, num_replicas=here.world, rank=here.rank, shuffle=True, seed=settings.seed * 100_003)
+        sampler.set_epoch(epoch)
+    n = len(sampler) if sampler is not None else len(dataset)
+    drop_last = shuffle and n > settings.batch_size and n % settings.batch_size == 1
+    generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch) if shuffle and sampler is None else None
     return DataLoader(
         dataset,
         batch_size=settings.batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         generator=generator,
         collate_fn=collate,
         num_workers=settings.num_workers,
@@ -328,7 +420,12 @@ def fit(
         collate: batches examples into `(inputs, labels)`.
         settings: `loop_settings` with the run's fingerprint.
         resume: continue from the checkpoint in `settings.checkpoint_dir` if there is one.
-        on_epoch_end: called with (epoch, metrics) after each epoch's checkpoint is written.
+        on_epoch_end: called with (epoch, metrics) after each epoch's checkpoint is written (on rank 0 only).
+
+    Under torch.distributed (torchrun) every rank calls `fit` with the same arguments and seed: the
+    module trains wrapped in DistributedDataParallel on each rank's slice of the train set (so an
+    epoch is 1/world of the steps, with gradients averaged over the ranks), rank 0 evaluates and
+    broadcasts the val loss, and only rank 0 writes the checkpoint (module docstring).
 
     Returns:
         The history and best epoch; `model` holds the best weights, in eval mode.
@@ -336,11 +433,20 @@ def fit(
     Raises:
         PipelineError: `resume` found a checkpoint written for other params or data.
     """
+    here = ranks()
     device, amp = settings.device, settings.mixed_precision and settings.device.type == "cuda"
+    if here.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # the worker set LOCAL_RANK's GPU
     model.to(device)
+    forward = model  # what the training steps call: the model, or its DistributedDataParallel wrapper
+    if here.world > 1:
+        # find_unused_parameters: a batch may skip a branch (modality dropout, a listing without photo)
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     groups = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in param_groups]
+    if settings.lr_scale != 1:  # several processes: train.distributed.lr_scaling (`lr_scale`)
+        groups = [{**group, "lr": group["lr"] * settings.lr_scale} for group in groups]
     optimizer = torch.optim.AdamW([group for group in groups if group["params"]])
-    steps_per_epoch = _steps_per_epoch(len(train_set), settings.batch_size)
+    steps_per_epoch = _steps_per_epoch(math.ceil(len(train_set) / here.world), settings.batch_size)
     scheduler = _make_scheduler(optimizer, settings.lr_schedule, steps_per_epoch * settings.epochs)
     amp_fp16 = amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=amp_fp16)
@@ -373,19 +479,19 @@ def fit(
     epoch = start_epoch
     while epoch < settings.epochs and not stopped_early:
         started = time.perf_counter()
-        model.train()
+        forward.train()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(
-            _loader(train_set, settings, collate, shuffle=True, epoch=epoch),
+            _loader(train_set, settings, collate, shuffle=True, epoch=epoch, here=here),
             desc=f"{settings.kind} {epoch + 1}/{settings.epochs}",
             total=steps_per_epoch,
-            disable=not settings.progress,
+            disable=not settings.progress or not here.main,
             leave=False,
         )
         for inputs, labels in bar:
             labels = labels.to(device, non_blocking=True)
             with _autocast(device, amp):
-                logits = model(**to_device(inputs, device))
+                logits = forward(**to_device(inputs, device))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -400,7 +506,11 @@ def fit(
             seen += len(labels)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         bar.close()
-        val_loss, val_accuracy = evaluate_loss(model, val_loader, device, amp)
+        if here.world == 1:
+            val_loss, val_accuracy = evaluate_loss(model, val_loader, device, amp)
+        else:  # rank 0 evaluates (the whole val split): every rank then stops, or not, on the same loss
+            val_loss, val_accuracy = _from_main_rank(list(evaluate_loss(model, val_loader, device, amp)) if here.main else [0.0, 0.0], device)
+            loss_sum, correct, seen = _summed_over_ranks([loss_sum, correct, seen], device)  # the epoch over all ranks
         epoch += 1
         seconds = time.perf_counter() - started
         spent += seconds
@@ -422,28 +532,29 @@ def fit(
             "%s epoch %d/%d: train_loss %.4f acc %.3f | val_loss %.4f acc %.3f (%.1fs)",
             settings.kind, epoch, settings.epochs, metrics["train_loss"], metrics["train_accuracy"], val_loss, val_accuracy, seconds,
         )
-        _save_checkpoint(
-            checkpoint_file,
-            {
-                "format": CHECKPOINT_FORMAT,
-                "kind": settings.kind,
-                "fingerprint": settings.fingerprint,
-                "epoch": epoch,
-                "seconds": spent,
-                "model": cpu_state(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _rng_state(),
-                "history": history,
-                "best_state": best_state,
-                "best_epoch": best_epoch,
-                "best_val_loss": best_val_loss,
-                "bad_epochs": bad_epochs,
-                "stopped_early": stopped_early,
-            },
-        )
-        if on_epoch_end is not None:
+        if here.main:
+            _save_checkpoint(
+                checkpoint_file,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "kind": settings.kind,
+                    "fingerprint": settings.fingerprint,
+                    "epoch": epoch,
+                    "seconds": spent,
+                    "model": cpu_state(model),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(),
+                    "history": history,
+                    "best_state": best_state,
+                    "best_epoch": best_epoch,
+                    "best_val_loss": best_val_loss,
+                    "bad_epochs": bad_epochs,
+                    "stopped_early": stopped_early,
+                },
+            )
+        if on_epoch_end is not None and here.main:
             on_epoch_end(epoch, dict(metrics))
         if stopped_early:
             log.info("%s: early stop after epoch %d (best val_loss %.4f at epoch %d)", settings.kind, epoch, best_val_loss, best_epoch)

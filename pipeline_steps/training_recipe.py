@@ -25,7 +25,17 @@ from pipeline_steps import datasets as ds
 from pipeline_steps.errors import DataValidationError
 from pipeline_steps.model_dir import TrainResult, base_config, save_model_dir, train_result
 from pipeline_steps.train_params import model_params
-from pipeline_steps.training_loop import EpochCallback, LoopSettings, deterministic, fit, run_fingerprint, seed_everything
+from pipeline_steps.training_loop import (
+    EpochCallback,
+    LoopSettings,
+    deterministic,
+    fit,
+    lr_scale,
+    main_rank_first,
+    ranks,
+    run_fingerprint,
+    seed_everything,
+)
 
 #: an AdamW parameter group: {"params": [...], "lr": float, "weight_decay": float}
 ParamGroup = dict[str, Any]
@@ -63,6 +73,7 @@ class Recipe:
                 wrong, naming its key).
         """
         self.params: dict[str, Any] = model_params(train_params, self.kind)  # saved in config.json
+        self.train_params = train_params  # train.distributed, read by run_recipe under torchrun
         self.progress = progress
 
     def labels(self, data: ds.CleanData, split: str) -> list[int]:
@@ -141,6 +152,11 @@ def run_recipe(
         resume: continue from the model's checkpoint when it matches this run.
         on_epoch_end: called with (epoch, metrics) after each epoch (the flow logs to MLflow).
 
+    Under torch.distributed (pipeline_steps/ddp_worker.py under torchrun) every rank runs this with the
+    same arguments: rank 0 computes the recipe's datasets first (filling the feature caches the others
+    then read), `fit` trains data-parallel, and only rank 0 runs `after_fit` and writes `out_dir`; the
+    other ranks return the fit's result with the base config and write nothing.
+
     Returns:
         The model directory, the history and the trained model.
 
@@ -148,20 +164,27 @@ def run_recipe(
         DataValidationError: the clean data cannot train the model (an empty split, a class without train examples).
         PipelineError: `resume` found a checkpoint of other params or data.
     """
+    here = ranks()
     data = ds.load_clean(clean_dir)
     check_splits({s: recipe.labels(data, s) for s in ("train", "val")}, data.classes, recipe.examples, data.clean_dir / recipe.table)
     recipe.load(data)
-    settings = recipe.settings
+    settings = replace(recipe.settings, lr_scale=lr_scale(recipe.train_params, here.world))
     seed_everything(settings.seed)
     with deterministic(settings.num_threads):
         model = recipe.build(data)
-        settings = replace(settings, fingerprint=run_fingerprint(recipe.kind, recipe.params, recipe.data_identity(data)))
+        settings = replace(settings, fingerprint=run_fingerprint(recipe.kind, recipe.params, recipe.data_identity(data), here.world, settings.lr_scale))
         trained, groups = recipe.trainable()
-        train_set, val_set, collate = recipe.datasets(data, settings)
+        with main_rank_first():
+            train_set, val_set, collate = recipe.datasets(data, settings)
         outcome = fit(trained, groups, train_set, val_set, collate, settings, resume, on_epoch_end)
-        recipe.after_fit(data, settings, trained, val_set)
+        if here.main:
+            recipe.after_fit(data, settings, trained, val_set)
 
     config = base_config(recipe.kind, data.classes, recipe.params, outcome, settings.device)
+    if here.world > 1:
+        config["training"].update(processes=here.world, lr_scale=settings.lr_scale)  # DistributedDataParallel (train.distributed)
+    if not here.main:
+        return train_result(recipe.kind, Path(out_dir), outcome, settings.device, config, model.cpu(), recipe.tokenizer)
     config.update(recipe.saved_config(data))
     model.cpu().eval()
     save_model_dir(out_dir, config, model, outcome.history, **recipe.saved_files())

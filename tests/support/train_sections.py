@@ -95,13 +95,14 @@ def train_section(shared: Mapping[str, Any] | None = None, **sections: Mapping[s
     """A complete `train:` section: CODE_DEFAULTS with the test's shared scalars and per-model values.
 
     Args:
-        shared: train-level keys (seed, device, checkpoints_dir, ...).
+        shared: train-level keys (seed, device, checkpoints_dir, distributed, ...).
         sections: `image=`, `text=`, `multimodal=`: that model's keys.
 
     Returns:
         The section, checked against settings.TrainSettings (`baselines` from params.yaml).
     """
     train = {key: value for key, value in CODE_DEFAULTS.items() if not isinstance(value, Mapping)}
+    train["distributed"] = {"nproc": 1, "lr_scaling": "linear"}  # one process unless the test passes shared={"distributed": ...}
     train.update(shared or {})
     for kind in ("image", "text", "multimodal"):
         train[kind] = _model_section(kind, sections.get(kind, {}))
