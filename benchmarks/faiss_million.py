@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import resource
 import sys
 import time
@@ -115,9 +116,22 @@ def run(args: argparse.Namespace, log: Any, report: dict[str, Any], write: Any) 
         write()
 
     for factory in args.factories:
-        t0 = time.perf_counter()
-        index = build(data, factory, args.ef_construction, args.train, args.seed)
-        build_s = time.perf_counter() - t0
+        cached = None
+        if args.index_cache is not None:  # a built index is kept, so searches can be re-timed on a quieter machine
+            name = re.sub(r"[^A-Za-z0-9]+", "_", factory)
+            cached = args.index_cache / f"{name}-efc{args.ef_construction}-n{n}-d{args.dim}-seed{args.seed}.faiss"
+        if cached is not None and cached.is_file():
+            index = faiss.read_index(str(cached))
+            build_s = float(json.loads(cached.with_suffix(".json").read_text())["build_s"])
+            log(f"{factory}: read from {cached} (built in {build_s:.1f}s)")
+        else:
+            t0 = time.perf_counter()
+            index = build(data, factory, args.ef_construction, args.train, args.seed)
+            build_s = time.perf_counter() - t0
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                faiss.write_index(index, str(cached))
+                cached.with_suffix(".json").write_text(json.dumps({"build_s": build_s}))
         size_b = index_bytes(index)
         log(f"{factory}: built in {build_s:.1f}s ({size_b / 2**20:.0f} MB)")
         refine = any(isinstance(sub, faiss.IndexRefine) for sub in _walk(index))
@@ -195,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-k-factor", type=int, default=4)
     parser.add_argument("--single-budget-s", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--index-cache", type=Path, default=None,
+                        help="keep each built index here (keyed by factory, efConstruction, n, dim, seed) and reuse it")
     parser.add_argument("--update-markdown", type=Path, default=None)
     parser.add_argument("--note", action="append", default=[])
     parser.add_argument("--render", type=Path, default=None, help="only render this JSON report as markdown")
