@@ -53,12 +53,12 @@ def clean_flow(params: str | None = None, overrides: list[str] | None = None, ra
 
 
 def clean_docs_dir(settings: dict[str, Any]) -> Path:
-    """Data Docs of the clean-layer checks: `clean_data_docs/` beside `validation.data_docs_dir`.
+    """Data Docs of the clean-layer checks (`validation.clean_data_docs_dir`, a DVC output of the stage).
 
     Not inside data.clean_dir: the HTML carries run times, and the clean layer must stay
     byte-identical for identical inputs (DVC then skips the training stages).
     """
-    return path_of(settings, "validation.data_docs_dir").parent / "clean_data_docs"
+    return path_of(settings, "validation.clean_data_docs_dir")
 
 
 def _headline(manifest: dict[str, Any]) -> dict[str, Any]:

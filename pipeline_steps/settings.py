@@ -108,6 +108,7 @@ class ValidationSettings(Section):
     allowed_image_modes: list[str] = Field(min_length=1)
     location_requires_county: StrictBool
     data_docs_dir: str
+    clean_data_docs_dir: str
     text: TextHygieneSettings
 
 

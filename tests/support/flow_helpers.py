@@ -29,6 +29,7 @@ def path_overrides(work: Path, raw_dir: Path) -> list[str]:
         f"data.validated_dir={work / 'validated'}",
         f"data.clean_dir={work / 'clean'}",
         f"validation.data_docs_dir={work / 'docs'}",
+        f"validation.clean_data_docs_dir={work / 'clean_data_docs'}",
         f"evaluate.metrics_dir={work / 'metrics'}",
         f"evaluate.plots_dir={work / 'plots'}",
         f"train.models_dir={work / 'artifacts' / 'models'}",
