@@ -55,6 +55,7 @@ from torch import nn  # noqa: E402
 from pipeline_steps import baselines, evaluation, inference, models, training, training_loop, wide_branch  # noqa: E402
 from pipeline_steps import datasets as ds  # noqa: E402
 from pipeline_steps.train_params import model_params  # noqa: E402
+from pipeline_steps.config import set_value  # noqa: E402
 
 ALL_MODELS = (
     "text_deep", "text_wide", "text_wide_deep", "text_baseline", "image", "multimodal_deep", "multimodal", "text_fine_tuned", "ensemble",
@@ -91,11 +92,7 @@ def train_params(args: argparse.Namespace) -> dict[str, Any]:
         params["seed"] = args.seed
     for item in args.set:
         key, _, value = item.partition("=")
-        node = params
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = yaml.safe_load(value)
+        set_value(params, key.strip(), yaml.safe_load(value))
     return params
 
 

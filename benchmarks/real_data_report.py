@@ -45,6 +45,7 @@ import yaml  # noqa: E402
 from pipeline_steps import baselines, evaluation, image_eval, inference, retrieval, training  # noqa: E402
 from pipeline_steps import datasets as ds  # noqa: E402
 from pipeline_steps.index import SimilarityIndex  # noqa: E402
+from pipeline_steps.config import set_value  # noqa: E402
 
 NEURAL = ("text", "image", "multimodal")
 KS = (1, 5, 10)
@@ -77,11 +78,7 @@ def load_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings["train"]["image"]["features_dir"] = str(work / "features")
     for item in args.set:
         key, _, value = item.partition("=")
-        node = settings
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = yaml.safe_load(value)
+        set_value(settings, key.strip(), yaml.safe_load(value))
     return settings
 
 
