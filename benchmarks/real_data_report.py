@@ -24,19 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from pipeline_steps import runtime_env  # noqa: E402
+
+runtime_env.apply()  # telemetry off, hubs offline, before any library reads them; exported values win
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
