@@ -68,7 +68,8 @@ def _run(settings: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:
     embed_s = time.perf_counter() - started
     vectors, ids = sharding.merge_shards(results)
 
-    trained = sharding.empty_index(vectors, str(settings["index"]["factory"]), dist["index_train_points"])
+    trained = sharding.empty_index(vectors, str(settings["index"]["factory"]), dist["index_train_points"],
+                                   ef_construction=int(settings["index"]["ef_construction"]))
     blob = faiss.serialize_index(trained)
     index_futures = [fill_shard_index_task.submit(blob, r["vectors"]) for r in sorted(results, key=lambda r: r["shard"])]
     merged = sharding.merge_indexes([faiss.deserialize_index(f.result()) for f in index_futures])

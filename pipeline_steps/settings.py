@@ -308,6 +308,7 @@ class IndexSettings(Section):
     factory: str = Field(min_length=1)
     nprobe: PositiveInt
     ef_search: PositiveInt
+    ef_construction: PositiveInt
     batch_size: PositiveInt
     use_gpu: Auto | StrictBool
     eval_k: list[PositiveInt] = Field(min_length=1)

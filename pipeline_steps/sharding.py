@@ -210,14 +210,17 @@ def merge_predictions(results: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray,
 # --------------------------------------------------------------------------- indexes
 
 
-def empty_index(vectors: np.ndarray, factory: str, train_points: int | None = None, seed: int = 0) -> Any:
-    """An empty, trained index for `factory` (cosine: inner product of L2-normalised vectors)."""
+def empty_index(vectors: np.ndarray, factory: str, train_points: int | None = None, seed: int = 0,
+                ef_construction: int | None = None) -> Any:
+    """An empty, trained index for `factory` (cosine: inner product of L2-normalised vectors); HNSW graphs
+    get `ef_construction` (`index.ef_construction`), which travels with the serialised copies."""
     import faiss
 
-    from pipeline_steps.index import effective_factory, normalise_rows
+    from pipeline_steps.index import effective_factory, normalise_rows, set_build_params
 
     x = normalise_rows(vectors)
     index = faiss.index_factory(x.shape[1], effective_factory(factory, len(x)), faiss.METRIC_INNER_PRODUCT)
+    set_build_params(index, ef_construction)
     if not index.is_trained:
         sample = x
         if train_points and len(x) > train_points:

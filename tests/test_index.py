@@ -96,6 +96,26 @@ def test_nprobe_and_ef_search_are_applied():
     assert faiss.downcast_index(hnsw).hnsw.efSearch == 77
 
 
+def test_ef_construction_reaches_every_hnsw_graph_and_travels_with_a_saved_index(tmp_path):
+    from pipeline_steps.index import IndexSettings, hnsw_graphs
+    from pipeline_steps import sharding
+
+    x = clustered(600)
+    assert faiss.downcast_index(build_index(x, "HNSW16", use_gpu=False)).hnsw.efConstruction == 40  # FAISS's default
+    for factory in ("HNSW16", "PCA16,HNSW16,RFlat", "IVF8_HNSW16,Flat"):
+        graphs = hnsw_graphs(build_index(x, factory, use_gpu=False, ef_construction=123))
+        assert graphs and {g.efConstruction for g in graphs} == {123}, factory
+    params = {"index": {"dir": "x", "kinds": ["text"], "factory": "HNSW16", "nprobe": 8, "ef_search": 32,
+                        "ef_construction": 77, "batch_size": 8, "use_gpu": False, "eval_k": [10]}}
+    built = SimilarityIndex.from_settings(x, ids_for(600), IndexSettings.from_params(params), kind="text",
+                                          model_name="m", model_version="1")
+    built.save(tmp_path / "hnsw")
+    assert faiss.downcast_index(SimilarityIndex.load(tmp_path / "hnsw").index).hnsw.efConstruction == 77
+    # the Dask path: the trained empty index carries it to every shard's copy
+    shard = sharding.fill_shard_index(sharding.empty_index(x, "HNSW16", ef_construction=55), x[:50])
+    assert faiss.downcast_index(shard).hnsw.efConstruction == 55
+
+
 def test_ivf_with_too_few_vectors_lowers_nlist_then_falls_back_to_flat(caplog):
     assert effective_factory("IVF256,Flat", 100_000) == "IVF256,Flat"
     with caplog.at_level(logging.WARNING, logger="pipeline_steps.index"):
