@@ -186,6 +186,12 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
     if report.get("notes"):
         lines += ["", *[f"- {note}" for note in report["notes"]]]
+    for earlier in report.get("earlier", []):
+        table = to_markdown({**earlier, "notes": [], "earlier": []}).split("\n")
+        start = next(i for i, line in enumerate(table) if line.startswith("| factory"))
+        ea = earlier["args"]
+        lines += ["", f"Earlier run ({earlier['date']}, efConstruction={ea['ef_construction']}):", "", "```",
+                  earlier["command"], "```", "", *[line for line in table[start:] if line]]
     return "\n".join(lines) + "\n"
 
 
@@ -214,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-markdown", type=Path, default=None)
     parser.add_argument("--note", action="append", default=[])
     parser.add_argument("--render", type=Path, default=None, help="only render this JSON report as markdown")
+    parser.add_argument("--also", type=Path, nargs="*", default=[],
+                        help="with --render: earlier runs' JSON reports, added under 'Earlier runs' (command + table)")
     args = parser.parse_args(argv)
 
     def update(report: dict[str, Any]) -> None:
@@ -225,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render is not None:
         report = json.loads(args.render.read_text(encoding="utf-8"))
         report["notes"] = [*report.get("notes", []), *args.note]
+        report["earlier"] = [json.loads(path.read_text(encoding="utf-8")) for path in args.also]
         update(report) if args.update_markdown else print(to_markdown(report))
         return 0
 
