@@ -190,7 +190,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         table = to_markdown({**earlier, "notes": [], "earlier": []}).split("\n")
         start = next(i for i, line in enumerate(table) if line.startswith("| factory"))
         ea = earlier["args"]
-        lines += ["", f"Earlier run ({earlier['date']}, efConstruction={ea['ef_construction']}):", "", "```",
+        lines += ["", f"Run ({earlier['date']}, efConstruction={ea['ef_construction']}):", "", "```",
                   earlier["command"], "```", "", *[line for line in table[start:] if line]]
     return "\n".join(lines) + "\n"
 
