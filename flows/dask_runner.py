@@ -1,7 +1,8 @@
 """The Dask task runner of the sharded stages (flows/index.py with ``distributed.index_on_dask``,
 flows/distributed_index.py): prefect-dask's DaskTaskRunner on a LocalCluster of
 ``distributed.n_workers`` processes, or on the existing cluster at ``distributed.dask_address``.
-Defines no flow (flows/ modules may import it: tests/test_flow_imports.py)."""
+Defines no flow (flows/ modules may import it: tests/test_flow_imports.py); the one task both use to fill
+a shard's copy of an index is here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any
+
+import numpy as np
+from prefect import task
+
+from pipeline_steps import sharding
+
+
+@task(name="fill-index-shard")
+def fill_index_shard_task(trained_empty: np.ndarray, vectors: np.ndarray | str) -> np.ndarray:
+    """One shard's copy of the trained empty index, filled with its (normalised) vectors — an array, or the
+    path of a .npy file a worker can read — serialised."""
+    import faiss
+
+    rows = np.load(vectors) if isinstance(vectors, str) else vectors
+    return faiss.serialize_index(sharding.fill_shard_index(faiss.deserialize_index(trained_empty), rows))
 
 
 def task_runner(settings: dict[str, Any]) -> Any:

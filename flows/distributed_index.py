@@ -20,12 +20,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from prefect import flow, task
 
 from flows.common import base_parser, load_params, path_of, run_cli
-from flows.dask_runner import api_for_workers, task_runner
+from flows.dask_runner import api_for_workers, fill_index_shard_task, task_runner
 from pipeline_steps import sharding
 from pipeline_steps.io_utils import write_json
 
@@ -33,14 +32,6 @@ from pipeline_steps.io_utils import write_json
 @task(name="embed-shard")
 def embed_shard_task(rows: pd.DataFrame, shard: sharding.Shard, settings: dict[str, Any], out_dir: str) -> dict[str, Any]:
     return sharding.embed_shard(rows, shard, settings, out_dir)
-
-
-@task(name="fill-shard-index")
-def fill_shard_index_task(trained_empty: np.ndarray, vectors_path: str) -> np.ndarray:
-    import faiss
-
-    index = sharding.fill_shard_index(faiss.deserialize_index(trained_empty), np.load(vectors_path))
-    return faiss.serialize_index(index)
 
 
 def photo_rows(settings: dict[str, Any]) -> pd.DataFrame:
@@ -71,7 +62,7 @@ def _run(settings: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:
     trained = sharding.empty_index(vectors, str(settings["index"]["factory"]), dist["index_train_points"],
                                    ef_construction=int(settings["index"]["ef_construction"]))
     blob = faiss.serialize_index(trained)
-    index_futures = [fill_shard_index_task.submit(blob, r["vectors"]) for r in sorted(results, key=lambda r: r["shard"])]
+    index_futures = [fill_index_shard_task.submit(blob, str(r["vectors"])) for r in sorted(results, key=lambda r: r["shard"])]
     merged = sharding.merge_indexes([faiss.deserialize_index(f.result()) for f in index_futures])
     index_path = work_dir / "index.faiss"
     faiss.write_index(merged, str(index_path))

@@ -52,7 +52,9 @@ def _stores(kind: str, settings: dict[str, Any]) -> tuple[EmbeddingStore, Embedd
 
 
 @task(name="build-index")
-def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any]) -> dict[str, Any]:
+def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any], filled: bytes | None = None) -> dict[str, Any]:
+    """Embed (or reuse the stored embeddings), build the index — or take the one `filled` on Dask — save it,
+    score it, log it to MLflow and tag the model version with the run."""
     model_dir, name, version = model
     clean_dir = existing_dir(settings, "data.clean_dir")
     index_dir = path_of(settings, "index.dir") / kind
@@ -73,9 +75,14 @@ def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any])
     stored, reused = store.get_or_compute(key, compute)
     probs_store.get_or_compute(key, lambda: computed.get("probs") or (compute(), computed["probs"])[1])
     print(f"{kind}: {'reused' if reused else 'computed'} {len(stored.ids)} embeddings from {name} v{version}")
-    built = SimilarityIndex.from_settings(
-        stored.vectors, stored.ids, IndexSettings.from_params(settings["index"]), kind=kind, model_name=name, model_version=version
-    )
+    index_settings = IndexSettings.from_params(settings["index"])
+    if filled is not None:  # filled shard by shard on Dask from these same stored vectors
+        import faiss
+
+        built = SimilarityIndex.from_filled(faiss.deserialize_index(np.frombuffer(filled, dtype=np.uint8)), stored.ids,
+                                            index_settings, kind=kind, model_name=name, model_version=version)
+    else:
+        built = SimilarityIndex.from_settings(stored.vectors, stored.ids, index_settings, kind=kind, model_name=name, model_version=version)
     built.save(index_dir)
     metrics = index_quality_metrics(built, stored.vectors, stored.ids, settings["index"]["eval_k"])
     figure = neighbour_figure(built, stored.vectors, stored.ids, clean_dir, path_of(settings, "evaluate.plots_dir") / f"{kind}_neighbours.png")
@@ -101,8 +108,7 @@ def predict_shard_task(model_dir: str, shard: sharding.Shard, paths: dict[str, s
     )
 
 
-@flow(name="index-predict-on-dask", log_prints=True)
-def predict_on_dask_flow(model_dirs: dict[str, str], settings: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
+def _predict_shards(model_dirs: dict[str, str], settings: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
     """(embeddings, probabilities, ids) of every listing per kind: one task per shard, every kind's at once."""
     clean_dir = existing_dir(settings, "data.clean_dir")
     batch_size, dist = int(settings["index"]["batch_size"]), settings["distributed"]
@@ -127,14 +133,7 @@ def predict_on_dask_flow(model_dirs: dict[str, str], settings: dict[str, Any]) -
     return merged
 
 
-def predict_on_dask(models: dict[str, tuple[str, str, str]], settings: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
-    """`predict_on_dask_flow` on the settings' Dask task runner (its workers report to this run's Prefect API)."""
-    on_dask = predict_on_dask_flow.with_options(task_runner=dask_runner.task_runner(settings))
-    with dask_runner.api_for_workers():
-        return on_dask({kind: model[0] for kind, model in models.items()}, settings)
-
-
-def fill_stores_on_dask(models: dict[str, tuple[str, str, str]], settings: dict[str, Any]) -> list[str]:
+def _fill_stores(models: dict[str, tuple[str, str, str]], settings: dict[str, Any]) -> list[str]:
     """Compute the kinds whose stored embeddings or probabilities are stale on Dask and store them
     under the key `index_task` looks for (it then reuses them); return the kinds computed."""
     stale = {
@@ -143,12 +142,55 @@ def fill_stores_on_dask(models: dict[str, tuple[str, str, str]], settings: dict[
     }
     if not stale:
         return []
-    for kind, (vectors, proba, ids) in predict_on_dask(stale, settings).items():
+    for kind, (vectors, proba, ids) in _predict_shards({k: m[0] for k, m in stale.items()}, settings).items():
         key = _cache_key(stale[kind], settings)
         store, probs_store = _stores(kind, settings)
         store.save(vectors, ids, key)
         probs_store.save(proba, ids, key)
     return list(stale)
+
+
+def _fill_indexes(models: dict[str, tuple[str, str, str]], settings: dict[str, Any]) -> dict[str, bytes]:
+    """Each kind's index filled over shards of its stored vectors as Dask tasks and merged in shard order
+    (`index.factory` of a type whose copies merge into one: Flat, IVF); other types are built in
+    `index_task` as without Dask. Trained on every row, like the single-process build: the same index."""
+    import faiss
+
+    shard_size, batch_size = int(settings["distributed"]["shard_size"]), int(settings["index"]["batch_size"])
+    filled: dict[str, bytes] = {}
+    for kind, model in models.items():
+        stored = _stores(kind, settings)[0].load_if_fresh(_cache_key(model, settings))
+        if stored is None:
+            continue
+        trained = sharding.empty_index(stored.vectors, str(settings["index"]["factory"]), None,
+                                       ef_construction=int(settings["index"]["ef_construction"]))
+        if not sharding.merges_into_one(trained):
+            print(f"{kind}: index.factory {settings['index']['factory']!r} does not merge from shards; built in one process")
+            continue
+        started = time.perf_counter()
+        blob = faiss.serialize_index(trained)
+        shards = sharding.plan_shards(len(stored.vectors), shard_size, batch_size)
+        futures = [dask_runner.fill_index_shard_task.submit(blob, stored.vectors[s.start:s.stop]) for s in shards]
+        merged = sharding.merge_indexes([faiss.deserialize_index(f.result()) for f in futures])
+        filled[kind] = faiss.serialize_index(merged).tobytes()
+        print(f"{kind}: index filled over {len(shards)} shards on Dask in {time.perf_counter() - started:.1f} s")
+    return filled
+
+
+@flow(name="index-on-dask", log_prints=True)
+def index_on_dask_flow(models: dict[str, tuple[str, str, str]], settings: dict[str, Any]) -> dict[str, Any]:
+    """The index stage's heavy work on one Dask cluster: the champion models' pass for the kinds whose stored
+    embeddings are stale, then each index filled over shards. Returns {"computed": kinds, "filled": {kind: index}}."""
+    computed = _fill_stores(models, settings)
+    print(f"champion models' pass on Dask: {', '.join(computed) or 'nothing to compute (stored embeddings are fresh)'}")
+    return {"computed": computed, "filled": _fill_indexes(models, settings)}
+
+
+def run_on_dask(models: dict[str, tuple[str, str, str]], settings: dict[str, Any]) -> dict[str, Any]:
+    """`index_on_dask_flow` on the settings' Dask task runner (its workers report to this run's Prefect API)."""
+    on_dask = index_on_dask_flow.with_options(task_runner=dask_runner.task_runner(settings))
+    with dask_runner.api_for_workers():
+        return on_dask(models, settings)
 
 
 @flow(name="index", log_prints=True)
@@ -157,10 +199,10 @@ def index_flow(params: str | None = None, overrides: list[str] | None = None, ki
     require_choice(kind, "--kind", ("all", *INDEX_KINDS))
     configured = [k for k in settings["index"]["kinds"] if kind in ("all", k)]
     champions = {k: fetch_champion_task(k, settings) for k in KINDS if k in configured or k == PRICE_KIND}
+    filled: dict[str, bytes] = {}
     if settings["distributed"]["index_on_dask"]:
-        on_dask = fill_stores_on_dask({k: champions[k] for k in configured}, settings)
-        print(f"champion models' pass on Dask: {', '.join(on_dask) or 'nothing to compute (stored embeddings are fresh)'}")
-    results = {k: index_task(k, champions[k], settings) for k in configured}
+        filled = run_on_dask({k: champions[k] for k in configured}, settings)["filled"]
+    results = {k: index_task(k, champions[k], settings, filled.get(k)) for k in configured}
     results.update(ranking_step.ranking_task({k: champions[k] for k in configured}, settings, results))
     write_metrics_json(path_of(settings, "evaluate.metrics_dir") / "retrieval.json", results)
     return results

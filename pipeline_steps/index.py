@@ -349,6 +349,23 @@ def _build(
 # --------------------------------------------------------------------------- the index object
 
 
+def _metadata(index: faiss.Index, kind: str, built_factory: str, factory: str, metric: str, nprobe: int | None,
+              ef_search: int | None, model_name: Any, model_version: Any) -> IndexMetadata:
+    return IndexMetadata(
+        kind=kind,
+        factory=built_factory,
+        dim=int(index.d),
+        size=int(index.ntotal),
+        model_name=None if model_name is None else str(model_name),
+        model_version=None if model_version is None else str(model_version),
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        metric=metric,
+        requested_factory=factory,
+        nprobe=nprobe,
+        ef_search=ef_search,
+    )
+
+
 class Hit(NamedTuple):
     """One search result: the index row, its score (cosine for cosine indexes) and its ids."""
 
@@ -446,20 +463,32 @@ class SimilarityIndex:
             raise DataValidationError(f"{len(vectors)} vectors but {len(ids)} id rows")
         index, built_factory, on_gpu = _build(vectors, factory, metric, nprobe, ef_search, use_gpu,
                                               ef_construction=ef_construction)
-        metadata = IndexMetadata(
-            kind=kind,
-            factory=built_factory,
-            dim=int(index.d),
-            size=int(index.ntotal),
-            model_name=None if model_name is None else str(model_name),
-            model_version=None if model_version is None else str(model_version),
-            built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            metric=metric,
-            requested_factory=factory,
-            nprobe=nprobe,
-            ef_search=ef_search,
-        )
-        return cls(index, ids, metadata, on_gpu=on_gpu)
+        return cls(index, ids, _metadata(index, kind, built_factory, factory, metric, nprobe, ef_search,
+                                         model_name, model_version), on_gpu=on_gpu)
+
+    @classmethod
+    def from_filled(
+        cls,
+        index: faiss.Index,
+        ids: pd.DataFrame,
+        settings: IndexSettings,
+        *,
+        kind: str,
+        model_name: str | None,
+        model_version: str | int | None,
+    ) -> SimilarityIndex:
+        """An index filled elsewhere (e.g. shard by shard on Dask, pipeline_steps/sharding.py) from the
+        cosine-normalised rows of ``ids``: the search knobs and the GPU move of ``from_settings`` applied,
+        the same metadata recorded."""
+        if len(ids) != index.ntotal:
+            raise DataValidationError(f"index holds {index.ntotal} vectors but ids has {len(ids)} rows")
+        built_factory = effective_factory(settings.factory, int(index.ntotal))
+        set_search_params(index, settings.nprobe, settings.ef_search)
+        index, on_gpu = _to_gpu(index, settings.use_gpu, built_factory)
+        if on_gpu:
+            set_search_params(index, settings.nprobe, settings.ef_search, on_gpu=True)
+        return cls(index, ids, _metadata(index, kind, built_factory, settings.factory, "cosine", settings.nprobe,
+                                         settings.ef_search, model_name, model_version), on_gpu=on_gpu)
 
     @classmethod
     def from_settings(

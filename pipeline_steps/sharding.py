@@ -229,6 +229,15 @@ def empty_index(vectors: np.ndarray, factory: str, train_points: int | None = No
     return index
 
 
+def merges_into_one(index: Any) -> bool:
+    """Whether filled copies of this (empty, trained) index merge into one index of the same type that
+    equals one built from all rows at once: Flat and IVF do (`merge_from`); HNSW graphs, PCA or
+    refine wrappers do not (they would be an `IndexShards`, which faiss cannot write as one file)."""
+    import faiss
+
+    return isinstance(faiss.downcast_index(index), (faiss.IndexFlat, faiss.IndexIVF))
+
+
 def fill_shard_index(trained_empty: Any, vectors: np.ndarray) -> Any:
     """A copy of the trained empty index holding this shard's (normalised) vectors."""
     import faiss

@@ -116,6 +116,28 @@ def test_ef_construction_reaches_every_hnsw_graph_and_travels_with_a_saved_index
     assert faiss.downcast_index(shard).hnsw.efConstruction == 55
 
 
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat"])
+def test_an_index_filled_over_shards_and_merged_is_the_index_built_at_once(factory):
+    """What the index stage does on Dask (flows/index.py `_fill_indexes`) for types that merge."""
+    from pipeline_steps import sharding
+    from pipeline_steps.index import IndexSettings
+
+    x, ids = clustered(800), ids_for(800)
+    params = {"index": {"dir": "x", "kinds": ["text"], "factory": factory, "nprobe": 4, "ef_search": 32,
+                        "ef_construction": 40, "batch_size": 8, "use_gpu": False, "eval_k": [10]}}
+    settings = IndexSettings.from_params(params)
+    alone = SimilarityIndex.from_settings(x, ids, settings, kind="text", model_name="m", model_version="1")
+    trained = sharding.empty_index(x, factory, None, ef_construction=40)
+    assert sharding.merges_into_one(trained)
+    parts = [sharding.fill_shard_index(trained, x[start:start + 300]) for start in range(0, 800, 300)]
+    merged = SimilarityIndex.from_filled(sharding.merge_indexes(parts), ids, settings, kind="text", model_name="m", model_version="1")
+    assert faiss.serialize_index(merged.index).tobytes() == faiss.serialize_index(alone.index).tobytes()
+    assert (merged.metadata.factory, merged.metadata.nprobe) == (alone.metadata.factory, alone.metadata.nprobe)
+    # graph or wrapped types do not merge into one index: the stage builds those in one process
+    assert not sharding.merges_into_one(sharding.empty_index(x, "HNSW16"))
+    assert not sharding.merges_into_one(sharding.empty_index(x, "PCA8,Flat"))
+
+
 def test_ivf_with_too_few_vectors_lowers_nlist_then_falls_back_to_flat(caplog):
     assert effective_factory("IVF256,Flat", 100_000) == "IVF256,Flat"
     with caplog.at_level(logging.WARNING, logger="pipeline_steps.index"):

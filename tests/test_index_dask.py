@@ -85,11 +85,12 @@ def test_predict_split_rows_are_slices_of_the_whole_pass(tiny_work: Path, tmp_pa
 def test_index_stage_pass_on_dask_equals_single_process(tiny_work: Path, tmp_path: Path) -> None:
     import faiss
 
-    from flows.index import _cache_key, _stores, fill_stores_on_dask
+    from flows.index import _cache_key, _stores, run_on_dask
 
     settings = _settings(tiny_work, tmp_path)
     models = {kind: (str(tiny_work / "models" / kind), f"marketplace-{kind}", "1") for kind in INDEX_KINDS}
-    assert sorted(fill_stores_on_dask(models, settings)) == sorted(INDEX_KINDS)
+    first = run_on_dask(models, settings)  # one cluster: the models' pass, then the indexes filled over shards
+    assert sorted(first["computed"]) == sorted(INDEX_KINDS)
 
     for kind in INDEX_KINDS:
         single = _single_process(tiny_work, kind, tmp_path / "no-features")
@@ -112,5 +113,17 @@ def test_index_stage_pass_on_dask_equals_single_process(tiny_work: Path, tmp_pat
         on_dask.save(saved)
         np.testing.assert_array_equal(faiss.read_index(str(saved / "index.faiss")).reconstruct_n(0, n), alone.index.reconstruct_n(0, n))
 
+    # the index itself filled over shards on Dask (Flat: the copies merge into one) equals the one built at once
+    filled = first["filled"]
+    assert sorted(filled) == sorted(INDEX_KINDS)
+    index_settings = IndexSettings.from_params(settings["index"])
+    for kind in INDEX_KINDS:
+        stored = _stores(kind, settings)[0].load_if_fresh(_cache_key(models[kind], settings))
+        on_dask = SimilarityIndex.from_filled(faiss.deserialize_index(np.frombuffer(filled[kind], dtype=np.uint8)), stored.ids,
+                                              index_settings, kind=kind, model_name="m", model_version="1")
+        alone = _index(stored.vectors, stored.ids, settings, kind)
+        assert on_dask.metadata.factory == alone.metadata.factory and on_dask.size == alone.size
+        assert faiss.serialize_index(on_dask.index).tobytes() == faiss.serialize_index(alone.index).tobytes()
+
     # fresh stores: nothing left to compute (index_task then reuses them)
-    assert fill_stores_on_dask(models, settings) == []
+    assert run_on_dask(models, settings)["computed"] == []
