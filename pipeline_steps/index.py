@@ -339,11 +339,18 @@ def _build(
                 "use 'Flat' or 'HNSW32' for small datasets"
             ) from exc
     index.add(x)
+    index, on_gpu = _ready_for_search(index, nprobe, ef_search, use_gpu, built_factory)
+    return index, built_factory, on_gpu
+
+
+def _ready_for_search(index: faiss.Index, nprobe: int | None, ef_search: int | None, use_gpu: str | bool,
+                      built_factory: str) -> tuple[faiss.Index, bool]:
+    """A filled index with its search knobs set, moved to the GPU when asked and possible."""
     set_search_params(index, nprobe, ef_search)
     index, on_gpu = _to_gpu(index, use_gpu, built_factory)
     if on_gpu:
         set_search_params(index, nprobe, ef_search, on_gpu=True)
-    return index, built_factory, on_gpu
+    return index, on_gpu
 
 
 # --------------------------------------------------------------------------- the index object
@@ -483,10 +490,7 @@ class SimilarityIndex:
         if len(ids) != index.ntotal:
             raise DataValidationError(f"index holds {index.ntotal} vectors but ids has {len(ids)} rows")
         built_factory = effective_factory(settings.factory, int(index.ntotal))
-        set_search_params(index, settings.nprobe, settings.ef_search)
-        index, on_gpu = _to_gpu(index, settings.use_gpu, built_factory)
-        if on_gpu:
-            set_search_params(index, settings.nprobe, settings.ef_search, on_gpu=True)
+        index, on_gpu = _ready_for_search(index, settings.nprobe, settings.ef_search, settings.use_gpu, built_factory)
         return cls(index, ids, _metadata(index, kind, built_factory, settings.factory, "cosine", settings.nprobe,
                                          settings.ef_search, model_name, model_version), on_gpu=on_gpu)
 
