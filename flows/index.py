@@ -52,7 +52,8 @@ def _stores(kind: str, settings: dict[str, Any]) -> tuple[EmbeddingStore, Embedd
 
 
 @task(name="build-index")
-def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any], filled: bytes | None = None) -> dict[str, Any]:
+def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any], filled: bytes | None = None,
+               stored_on_dask: bool = False) -> dict[str, Any]:
     """Embed (or reuse the stored embeddings), build the index — or take the one `filled` on Dask — save it,
     score it, log it to MLflow and tag the model version with the run."""
     model_dir, name, version = model
@@ -74,7 +75,8 @@ def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any],
 
     stored, reused = store.get_or_compute(key, compute)
     probs_store.get_or_compute(key, lambda: computed.get("probs") or (compute(), computed["probs"])[1])
-    print(f"{kind}: {'reused' if reused else 'computed'} {len(stored.ids)} embeddings from {name} v{version}")
+    how = "computed on Dask" if stored_on_dask else ("reused" if reused else "computed")
+    print(f"{kind}: {how} {len(stored.ids)} embeddings from {name} v{version}")
     index_settings = IndexSettings.from_params(settings["index"])
     if filled is not None:  # filled shard by shard on Dask from these same stored vectors
         import faiss
@@ -199,10 +201,10 @@ def index_flow(params: str | None = None, overrides: list[str] | None = None, ki
     require_choice(kind, "--kind", ("all", *INDEX_KINDS))
     configured = [k for k in settings["index"]["kinds"] if kind in ("all", k)]
     champions = {k: fetch_champion_task(k, settings) for k in KINDS if k in configured or k == PRICE_KIND}
-    filled: dict[str, bytes] = {}
+    on_dask: dict[str, Any] = {"computed": [], "filled": {}}
     if settings["distributed"]["index_on_dask"]:
-        filled = run_on_dask({k: champions[k] for k in configured}, settings)["filled"]
-    results = {k: index_task(k, champions[k], settings, filled.get(k)) for k in configured}
+        on_dask = run_on_dask({k: champions[k] for k in configured}, settings)
+    results = {k: index_task(k, champions[k], settings, on_dask["filled"].get(k), k in on_dask["computed"]) for k in configured}
     results.update(ranking_step.ranking_task({k: champions[k] for k in configured}, settings, results))
     write_metrics_json(path_of(settings, "evaluate.metrics_dir") / "retrieval.json", results)
     return results
