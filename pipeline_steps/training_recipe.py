@@ -13,6 +13,7 @@ running the frozen part every epoch, many times faster.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -46,7 +47,7 @@ def param_group(parameters: Any, lr: float, weight_decay: float) -> ParamGroup:
     return {"params": list(parameters), "lr": lr, "weight_decay": weight_decay}
 
 
-class Recipe:
+class Recipe(ABC):
     """One neural model's training, minus the sequence `run_recipe` runs for every model.
 
     A subclass sets `kind`, `examples` and `table`, and reads and checks all of its knobs in
@@ -76,36 +77,36 @@ class Recipe:
         self.train_params = train_params  # train.distributed, read by run_recipe under torchrun
         self.progress = progress
 
+    @abstractmethod
     def labels(self, data: ds.CleanData, split: str) -> list[int]:
         """The labels of `split`'s examples (checked before anything is built)."""
-        raise NotImplementedError
 
     def load(self, data: ds.CleanData) -> None:
         """Load what the model is built from (a pretrained encoder, trained towers); not seeded."""
 
+    @abstractmethod
     def build(self, data: ds.CleanData) -> nn.Module:
         """The whole model that is saved (seeded: random initialisations happen here)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def data_identity(self, data: ds.CleanData) -> list[Any]:
         """What identifies the training data in the checkpoint fingerprint (resume refuses a mismatch)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def trainable(self) -> tuple[nn.Module, list[ParamGroup]]:
         """The module `fit` trains (the model, or its head over stored features) and its AdamW groups;
         freezes what does not train."""
-        raise NotImplementedError
 
+    @abstractmethod
     def datasets(self, data: ds.CleanData, settings: LoopSettings) -> tuple[Dataset, Dataset, Callable]:
         """(train set, val set, collate) for the module `trainable` returned."""
-        raise NotImplementedError
 
     def after_fit(self, data: ds.CleanData, settings: LoopSettings, trained: nn.Module, val_set: Dataset) -> None:
         """Whatever is fitted or chosen once training is over (default: nothing)."""
 
+    @abstractmethod
     def saved_config(self, data: ds.CleanData) -> dict[str, Any]:
         """The model's own config.json keys (added to `model_dir.base_config`)."""
-        raise NotImplementedError
 
     def saved_files(self) -> dict[str, Any]:
         """`save_model_dir`'s extra files: `encoder_files` and/or `wide` (default: none)."""
