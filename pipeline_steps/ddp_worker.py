@@ -16,8 +16,8 @@ is initialised; this module starts those processes and is what each of them runs
   and the checkpoint; the other ranks write nothing.
 
 Every rank gets the same params and seed; each trains on its DistributedSampler slice, so the
-effective batch is `batch_size` x N and an epoch is 1/N of the steps. The learning rate is not
-scaled. Several machines: run torchrun yourself with `--nnodes/--node_rank/--master_addr` and the
+effective batch is `batch_size` x N and an epoch is 1/N of the steps, so the learning rate is scaled
+by `train.distributed.lr_scaling` (linear: x N, training_loop.lr_scale). Several machines: run torchrun yourself with `--nnodes/--node_rank/--master_addr` and the
 same worker arguments (untested here, as is the CUDA/NCCL path).
 """
 
