@@ -117,8 +117,8 @@ def readme_table(report: dict[str, Any], meta: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clean-dir", type=Path, required=True)
-    parser.add_argument("--models-dir", type=Path, required=True)
+    parser.add_argument("--clean-dir", type=Path, default=None, help="required unless --render")
+    parser.add_argument("--models-dir", type=Path, default=None, help="required unless --render")
     parser.add_argument("--feature-cache", type=Path, default=None, help="train.image.features_dir of the image model")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ranking_report"))
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "ranking_report.json")
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             replace_block(args.update_readme, "ranking_report", table)
         print(table)
         return 0
+    if args.clean_dir is None or args.models_dir is None:
+        parser.error("--clean-dir and --models-dir are required (unless --render)")
 
     params = load_params(None)
     for item in args.set:
