@@ -254,24 +254,31 @@ def prefect_api(port: int | None = None, log_path: Path | None = None, keep: boo
     log_path = log_path or Path(env["PREFECT_HOME"]) / "server.log"
     started = time.monotonic()
     server: subprocess.Popen | None = None
-    for _attempt in range(5):
-        try:
-            server = start_server(port, env, log_path)
-            break
-        except PortTaken as taken:
-            print(f"prefect-server: {taken}; trying the next free port", file=sys.stderr)
-            port = choose_port(port + 1)
-            env = server_env(port)
-    else:
-        raise PrefectApiError("could not start a Prefect server: the free ports kept being taken")
-    runner = StageRunner.start(env)
+    runner: StageRunner | None = None
     try:
+        for _attempt in range(5):
+            # The runner imports the stages while the server starts (both take seconds): it
+            # gets the commands' environment, so a port change means a new runner.
+            runner = StageRunner.start(env)
+            try:
+                server = start_server(port, env, log_path)
+                break
+            except PortTaken as taken:
+                runner.stop()
+                runner = None
+                print(f"prefect-server: {taken}; trying the next free port", file=sys.stderr)
+                port = choose_port(port + 1)
+                env = server_env(port)
+        else:
+            raise PrefectApiError("could not start a Prefect server: the free ports kept being taken")
+        assert runner is not None and server is not None
         print(f"prefect-server: Prefect UI at http://127.0.0.1:{port} (up in {time.monotonic() - started:.0f} s)", file=sys.stderr)
         env[SERVER_PID_ENV] = str(server.pid)
         runner.wait_ready(env)
         yield env
     finally:
-        runner.stop()
+        if runner is not None:
+            runner.stop()
         if server is not None:
             if keep:
                 print(f"prefect-server: left running (pid {server.pid}); stop it with `kill -- -{server.pid}`", file=sys.stderr)
