@@ -186,6 +186,15 @@ def start_server(port: int, env: Mapping[str, str], log_path: Path, startup_time
     log.close()
     if startup_timeout is None:
         startup_timeout = float(env.get(START_TIMEOUT_ENV) or DEFAULT_START_TIMEOUT_S)
+    try:
+        return _wait_healthy(process, port, env, log_path, startup_timeout)
+    except BaseException:  # an interrupt while it starts too: the server is in a session of its own
+        stop_process_group(process)
+        raise
+
+
+def _wait_healthy(process: subprocess.Popen, port: int, env: Mapping[str, str], log_path: Path, startup_timeout: float) -> subprocess.Popen:
+    """Return `process` once our server answers on `port`; raise when it exits or times out."""
     started = time.monotonic()
     deadline = started + startup_timeout
     next_note = started + 30
@@ -205,7 +214,6 @@ def start_server(port: int, env: Mapping[str, str], log_path: Path, startup_time
         if api_is_healthy(api_url, timeout=5.0) and session_listens_on(process.pid, port):
             return process
         time.sleep(0.5)
-    stop_process_group(process)
     raise PrefectApiError(
         f"the Prefect server on port {port} was not healthy after {startup_timeout:.0f} s (log: {log_path}); "
         f"on a very busy machine allow it longer with {START_TIMEOUT_ENV}=<seconds>"

@@ -206,6 +206,33 @@ def test_sigterm_to_the_wrapper_stops_command_and_server_within_10_s(tmp_path: P
 
 
 @pytest.mark.integration
+def test_sigterm_while_the_server_starts_leaves_no_server_or_runner(tmp_path: Path) -> None:
+    """Ctrl-C/SIGTERM in the first seconds, before the server answers: its session must not outlive the wrapper."""
+    port = _free_port()
+    env = _env_without_api(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
+    env.pop("MARKETPLACE_STAGE_RUNNER")  # the runner starts beside the server: it must go too
+    wrapper = subprocess.Popen(
+        [sys.executable, "-m", "flows.prefect_server", "--port", str(port), "--", sys.executable, "-c", "pass"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    children: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(children) < 2 and time.monotonic() < deadline:  # the server and the runner
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(wrapper.pid)], capture_output=True, text=True).stdout.split()]
+        time.sleep(0.05)
+    assert len(children) == 2, f"expected the server and the runner as the wrapper's children, found {children}"
+    assert not _listening(port), "the server answered before the signal: this test needs it still starting"
+    stopped_at = time.monotonic()
+    wrapper.send_signal(signal.SIGTERM)
+    _, stderr = wrapper.communicate(timeout=30)
+    assert time.monotonic() - stopped_at < 10
+    assert wrapper.returncode == 130, stderr
+    time.sleep(0.5)
+    assert _children_alive(children) == []
+    assert not _listening(port)
+
+
+@pytest.mark.integration
 def test_sigterm_to_a_stage_without_server_leaves_no_temporary_api(tmp_path: Path) -> None:
     """A serverless stage starts Prefect's temporary API; SIGTERM must take it down too."""
     env = _env_without_api(PREFECT_HOME=str(tmp_path / "prefect-home"))
