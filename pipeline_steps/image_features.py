@@ -124,6 +124,37 @@ def extract(
     return torch.cat(chunks)
 
 
+def _cached_part(backbone: nn.Module) -> tuple[nn.Module, bool]:
+    """What the cache stores: the pooled features of the whole backbone, or, for a backbone split
+    into a frozen prefix and a trainable tail (`train.image.mode: tail`), the prefix's output maps."""
+    if getattr(backbone, "split_at", None) is not None:
+        return backbone.prefix_module(), True
+    return backbone, False
+
+
+@torch.inference_mode()
+def pooled_from_maps(backbone: nn.Module, maps: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
+    """A split backbone's pooled features (n, d) from its prefix's stored maps: the tail, batched, eval mode.
+
+    Args:
+        backbone: a split `models.LiteBackbone`.
+        maps: the prefix's output maps (n, C, H, W), any float dtype.
+        device: where the tail runs.
+        batch_size: maps per forward pass.
+
+    Returns:
+        float32 features on the CPU, in input order.
+    """
+    device = torch.device(device)
+    was_training = backbone.training
+    backbone.eval().to(device)
+    try:
+        chunks = [backbone.tail(maps[start : start + batch_size].to(device).float()).float().cpu() for start in range(0, len(maps), batch_size)]
+    finally:
+        backbone.train(was_training)
+    return torch.cat(chunks) if chunks else torch.zeros((0, backbone.net._conv_head.out_channels))
+
+
 def backbone_features(
     backbone_name: str,
     backbone: nn.Module,
@@ -135,19 +166,37 @@ def backbone_features(
     progress: bool = True,
     write: bool = True,
     stats: FeatureStats | None = None,
+    maps: bool = False,
 ) -> torch.Tensor:
     """Backbone features of `paths` (n, d), read from / added to the cache under `cache_dir`.
 
     `cache_dir=None`: no cache. `write=False`: read what is there, compute the rest without
-    storing it (a stage that does not own the cache, e.g. the index stage).
+    storing it (a stage that does not own the cache, e.g. the index stage). A split backbone
+    (`models.LiteBackbone.split`) caches its frozen prefix's output maps (float16) and runs its tail
+    on them for the pooled features; `maps=True` returns the maps themselves (the tail's training data).
     """
     stats = stats if stats is not None else FeatureStats()
     stats.total = len(paths)
+    module, split = _cached_part(backbone)
+    if maps and not split:
+        raise ValueError("maps=True needs a split backbone (models.LiteBackbone.split)")
     if cache_dir is None:
         stats.computed = len(paths)
-        return extract(backbone, preprocessor, paths, device, batch_size, progress)
-    identity = backbone_identity(backbone_name, backbone, preprocessor.to_config())
-    path = _cache_file(Path(cache_dir), backbone_name, identity)
+        stored = extract(module, preprocessor, paths, device, batch_size, progress)
+        stored = stored.half() if split else stored
+    else:
+        stored = _cached_features(backbone_name, module, preprocessor, paths, Path(cache_dir), device, batch_size, progress, write, stats, split)
+    if split and not maps:
+        return pooled_from_maps(backbone, stored, device)
+    return stored
+
+
+def _cached_features(
+    backbone_name: str, module: nn.Module, preprocessor: Any, paths: Sequence[str | Path], cache_dir: Path,
+    device: torch.device | str, batch_size: int, progress: bool, write: bool, stats: FeatureStats, half: bool,
+) -> torch.Tensor:
+    identity = backbone_identity(backbone_name, module, preprocessor.to_config())
+    path = _cache_file(cache_dir, backbone_name, identity)
     stats.cache_file = str(path)
     keys = photo_keys(paths)
     cached = _read_cache(path, identity)
@@ -160,8 +209,9 @@ def backbone_features(
     todo = sorted({key: i for i, key in enumerate(keys) if key not in known}.values())
     stats.computed, stats.reused = len(todo), len(paths) - len(todo)
     log.info("backbone features: %d reused from %s, %d to compute", stats.reused, path, stats.computed)
-    new = extract(backbone, preprocessor, [paths[i] for i in todo], device, batch_size, progress) if todo else None
+    new = extract(module, preprocessor, [paths[i] for i in todo], device, batch_size, progress) if todo else None
     if new is not None:
+        new = new.half() if half else new  # a prefix's maps are large: float16 halves the cache
         for offset, i in enumerate(todo):
             known.setdefault(keys[i], len(stored_keys) + offset)
         stored = torch.cat([stored, new]) if stored.numel() else new
@@ -173,7 +223,7 @@ def backbone_features(
                     {"format": FORMAT_VERSION, "identity": identity, "backbone": backbone_name, "keys": stored_keys, "features": stored}, tmp
                 )
     if not paths:
-        return torch.zeros((0, stored.shape[1] if stored.numel() else 0))
+        return stored[:0] if stored.numel() else torch.zeros((0, 0))
     # duplicates inside `todo` (same bytes twice) map to the first computed row
     index = torch.tensor([known[key] for key in keys], dtype=torch.long)
     return stored[index].clone()

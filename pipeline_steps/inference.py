@@ -73,7 +73,10 @@ def _image_module(architecture: dict[str, Any], n_classes: int) -> models.ImageC
         "dropout": architecture.get("dropout", 0.2),
         "feature_dropout": architecture.get("feature_dropout", 0.0) or 0.0,
     }
-    return models.build_image_classifier(saved, n_classes, pretrained=False)
+    module = models.build_image_classifier(saved, n_classes, pretrained=False)
+    if architecture.get("split_at") is not None:  # tail mode: the feature cache holds the prefix's maps
+        module.backbone.split(module.backbone.n_blocks - int(architecture["split_at"]))
+    return module
 
 
 def _text_module(architecture: dict[str, Any], n_classes: int, encoder_dir: Path, wide_features: int | None = None) -> tuple[models.TextClassifier, Any]:

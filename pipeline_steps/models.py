@@ -267,14 +267,70 @@ def _load_torchvision_model(backbone: str, weights_spec: Mapping[str, Any]) -> n
 
 
 class LiteBackbone(nn.Module):
-    """EfficientNet-Lite without its classifier: conv features -> global average pool (1280-d)."""
+    """EfficientNet-Lite without its classifier: conv features -> global average pool (1280-d).
+
+    `split(tail_blocks)` cuts it into a frozen prefix (stem + all but the last `tail_blocks` MBConv
+    blocks) and a trainable tail (those blocks + the head conv): the prefix's output maps of a photo
+    never change, so `train.image.mode: tail` stores them once per photo (image_features) and trains
+    only the tail on them. `forward` is the same computation either way.
+    """
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
+        self.split_at: int | None = None  # index of the tail's first block once split
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.net._blocks)
+
+    def split(self, tail_blocks: int) -> None:
+        """Freeze the stem and every block before the last `tail_blocks` (0: only the head conv trains).
+
+        Raises:
+            ConfigError: more tail blocks than the backbone has.
+        """
+        if not 0 <= int(tail_blocks) <= self.n_blocks:
+            raise ConfigError(f"params.yaml key 'train.image.tail_blocks' must be between 0 and {self.n_blocks} for this backbone, got {tail_blocks!r}")
+        self.split_at = self.n_blocks - int(tail_blocks)
+        self.prefix_module().requires_grad_(False)
+
+    def prefix_module(self) -> nn.Module:
+        """The frozen prefix as a module of its own (its state dict is the prefix's weights only: the
+        feature cache's identity). Shares the tensors of this backbone."""
+        if self.split_at is None:
+            raise ValueError("the backbone is not split (LiteBackbone.split)")
+        return LitePrefix(self.net, self.split_at)
+
+    def _block_rate(self, index: int) -> float:
+        rate = self.net._global_params.drop_connect_rate
+        return float(rate) * index / self.n_blocks if rate else 0.0
+
+    def tail(self, maps: torch.Tensor) -> torch.Tensor:
+        """Pooled features (n, 1280) from the prefix's output maps."""
+        x = maps
+        for index in range(self.split_at if self.split_at is not None else 0, self.n_blocks):
+            x = self.net._blocks[index](x, drop_connect_rate=self._block_rate(index))
+        return self.net._swish(self.net._bn1(self.net._conv_head(x))).mean(dim=(2, 3))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(pixels).mean(dim=(2, 3))
+
+
+class LitePrefix(nn.Module):
+    """Stem + the first `split_at` MBConv blocks of an EfficientNet-Lite: pixels -> feature maps."""
+
+    def __init__(self, net: nn.Module, split_at: int) -> None:
+        super().__init__()
+        self.stem, self.stem_norm, self.swish = net._conv_stem, net._bn0, net._swish
+        self.blocks = nn.ModuleList(list(net._blocks[:split_at]))
+        self.rate, self.n_total = net._global_params.drop_connect_rate or 0.0, len(net._blocks)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.swish(self.stem_norm(self.stem(pixels)))
+        for index, block in enumerate(self.blocks):
+            x = block(x, drop_connect_rate=float(self.rate) * index / self.n_total if self.rate else 0.0)
+        return x
 
 
 def build_backbone(backbone: str, weights_spec: Mapping[str, Any] | None = None) -> tuple[nn.Module, int]:

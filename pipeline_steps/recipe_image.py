@@ -3,8 +3,11 @@
 Why a module of its own: what only the image model does lives here, the sequence every model
 shares in training_recipe.run_recipe. `train.image.mode` frozen: the backbone's pooled
 features are computed once per photo (cached in `train.image.features_dir`; the index stage
-reuses them) and only the head trains; fine_tune: the last `trainable_blocks` blocks (or all)
-train with augmentation, mixed precision on CUDA. After training, the photo index's vector
+reuses them) and only the head trains; tail: an EfficientNet-Lite is split into a frozen prefix,
+whose output maps are cached per photo the same way, and a tail (its last `tail_blocks` blocks +
+head conv) that trains with the head on those maps (randomly flipped) - a partial fine-tune at
+the frozen mode's cost per photo; fine_tune: the last `trainable_blocks` blocks (or all) train on
+the photos with augmentation, mixed precision on CUDA. After training, the photo index's vector
 (backbone features or the head's penultimate layer) is chosen on the val split.
 """
 
@@ -31,7 +34,7 @@ from pipeline_steps.training_recipe import ParamGroup, Recipe, param_group
 
 log = logging.getLogger(__name__)
 
-IMAGE_MODES = ("auto", "frozen", "fine_tune")
+IMAGE_MODES = ("auto", "frozen", "tail", "fine_tune")
 SEARCH_EMBEDDINGS = ("auto", "backbone", "head")
 
 
@@ -55,25 +58,35 @@ def image_features_dir(params: Mapping[str, Any]) -> Path:
     return resolve_path(params["features_dir"])
 
 
-def resolve_image_mode(value: Any, device: torch.device, pretrained: bool = True) -> str:
-    """auto: frozen pretrained backbone on CPU (minutes), fine-tuning on CUDA; a randomly initialised
-    backbone (weights: null) is always trained (freezing random features would learn nothing).
+def resolve_image_mode(value: Any, device: torch.device, pretrained: bool = True, backbone: str | None = None) -> str:
+    """auto on CPU with pretrained weights: tail for an EfficientNet-Lite (its cached prefix makes a
+    partial fine-tune cost minutes), frozen for a torchvision backbone; fine-tuning on CUDA. A randomly
+    initialised backbone (weights: null) is always trained (freezing random features learns nothing).
 
     Args:
-        value: `train.image.mode` (auto, frozen or fine_tune).
+        value: `train.image.mode` (auto, frozen, tail or fine_tune).
         device: where training runs.
         pretrained: whether the backbone starts from pretrained weights.
+        backbone: `train.image.backbone` (tail needs an EfficientNet-Lite).
 
     Returns:
-        frozen or fine_tune.
+        frozen, tail or fine_tune.
 
     Raises:
-        ConfigError: an unknown mode.
+        ConfigError: an unknown mode, or tail with a backbone that cannot be split.
     """
     mode = require_choice(value if value is not None else "auto", "train.image.mode", IMAGE_MODES)
+    splittable = backbone is None or backbone in models.PACKAGED_WEIGHTS
+    if mode == "tail" and not splittable:
+        raise ConfigError(
+            f"params.yaml key 'train.image.mode': tail needs an EfficientNet-Lite backbone ({', '.join(models.PACKAGED_WEIGHTS)}), "
+            f"got '{backbone}'; use frozen or fine_tune"
+        )
     if mode != "auto":
         return mode
-    return "frozen" if device.type != "cuda" and pretrained else "fine_tune"
+    if device.type == "cuda" or not pretrained:
+        return "fine_tune"
+    return "tail" if splittable else "frozen"
 
 
 def _trainable_blocks(params: Mapping[str, Any]) -> int | str:
@@ -177,6 +190,29 @@ class FeatureHead(nn.Module):
         return self
 
 
+class TailHead(nn.Module):
+    """The trainable part of a tail-mode image model: the backbone's tail + embedding + classifier on
+    the frozen prefix's stored maps. Training flips half of a batch's maps left-right when
+    `horizontal_flip` is among the augmentations (the conv stack is nearly flip-equivariant, so this
+    stands in for flipping the photo). BatchNorm keeps its pretrained statistics."""
+
+    def __init__(self, model: models.ImageClassifier, flip: bool) -> None:
+        super().__init__()
+        self.model, self.flip = model, flip
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        maps = maps.float()
+        if self.training and self.flip:
+            flipped = torch.rand(len(maps), device=maps.device) < 0.5
+            maps = torch.where(flipped.view(-1, 1, 1, 1), maps.flip(3), maps)
+        return self.model.head_logits(self.model.backbone.tail(maps))
+
+    def train(self, mode: bool = True) -> TailHead:
+        self.model.train(mode)  # ImageClassifier.train keeps the frozen norms (all of the backbone's) in eval mode
+        self.training = mode
+        return self
+
+
 class ImageRecipe(Recipe):
     """The photo classifier: models.ImageClassifier, one example per photo (docstring of the module)."""
 
@@ -194,7 +230,9 @@ class ImageRecipe(Recipe):
         self.trainable_blocks = _trainable_blocks(params)
         self.lr, self.weight_decay = checked_number(params, "lr", "image"), checked_number(params, "weight_decay", "image")
         self.settings = loop_settings(params, "image", progress)
-        self.mode = resolve_image_mode(params["mode"], self.settings.device, self.weights_spec["type"] != "none")
+        self.mode = resolve_image_mode(params["mode"], self.settings.device, self.weights_spec["type"] != "none", self.backbone)
+        self.tail_blocks = checked_number(params, "tail_blocks", "image", minimum=0, integer=True)
+        self.backbone_lr = checked_number(params, "backbone_lr", "image")
         models.build_image_preprocessor(params, self.weights_spec)  # checks input_size before any data is read
         self.feature_stats = image_features.FeatureStats()
 
@@ -214,6 +252,13 @@ class ImageRecipe(Recipe):
 
     def trainable(self) -> tuple[nn.Module, list[ParamGroup]]:
         model = self.model
+        if self.mode == "tail":
+            model.backbone.split(int(self.tail_blocks))
+            model._frozen_norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            tail = [p for p in model.backbone.parameters() if p.requires_grad]
+            head = [*model.embedding.parameters(), *model.classifier.parameters()]
+            groups = [param_group(head, self.lr, self.weight_decay), param_group(tail, self.backbone_lr, self.weight_decay)]
+            return TailHead(model, "horizontal_flip" in self.augmentation), groups
         if self.mode == "frozen":
             model.freeze_backbone()
             head = [*model.embedding.parameters(), *model.classifier.parameters()]
@@ -224,15 +269,18 @@ class ImageRecipe(Recipe):
         return model, [param_group(model.parameters(), self.lr, self.weight_decay)]
 
     def datasets(self, data: ds.CleanData, settings: LoopSettings) -> tuple[Dataset, Dataset, Callable]:
-        if self.mode == "frozen":
+        if self.mode in ("frozen", "tail"):
             self.frame = frame = data.images_of(None)  # every split: the index stage reuses the test photos' features
-            self.features = image_features.backbone_features(
+            stored = image_features.backbone_features(
                 self.backbone, self.model.backbone, self.preprocessor, [data.clean_dir / rel for rel in frame["path"]],
                 cache_dir=image_features_dir(self.params), device=settings.device, progress=self.progress, stats=self.feature_stats,
+                maps=self.mode == "tail",
             )
+            self.features, self.maps = (None, stored) if self.mode == "tail" else (stored, None)
+            name = "maps" if self.mode == "tail" else "features"
             split = frame["split"].to_numpy()
             train_set, val_set = (
-                ds.TensorDictDataset({"features": self.features[torch.from_numpy(split == s)]}, frame.loc[split == s, "label"].tolist())
+                ds.TensorDictDataset({name: stored[torch.from_numpy(split == s)]}, frame.loc[split == s, "label"].tolist())
                 for s in ("train", "val")
             )
             return train_set, val_set, ds.collate_tensor_dicts
@@ -242,7 +290,10 @@ class ImageRecipe(Recipe):
 
     def after_fit(self, data: ds.CleanData, settings: LoopSettings, trained: nn.Module, val_set: Dataset) -> None:
         """Choose the photo index's vector on val (fine-tuned: the trained backbone's features first)."""
-        if self.mode != "frozen":
+        if self.mode == "tail":
+            self.features = image_features.pooled_from_maps(self.model.backbone, self.maps, settings.device)
+            self.maps = None
+        elif self.mode != "frozen":
             frame = data.images_of(None)
             self.frame = frame[frame["split"].isin(["train", "val"])].reset_index(drop=True)
             self.features = image_features.extract(
@@ -250,6 +301,13 @@ class ImageRecipe(Recipe):
             )
         self.search = choose_search_embedding(self.model, self.features, self.frame, self.search_choice)
         log.info("image search embedding: %s (val precision@10 %s)", self.search["vector"], self.search["val_precision_at_10"])
+
+    def _augmentation_used(self) -> list[str]:
+        if self.mode == "fine_tune":
+            return list(self.augmentation)
+        if self.mode == "tail" and "horizontal_flip" in self.augmentation:
+            return ["horizontal_flip (of the prefix's stored maps)"]
+        return []
 
     def saved_config(self, data: ds.CleanData) -> dict[str, Any]:
         model, params, stats = self.model, self.params, self.feature_stats
@@ -267,10 +325,12 @@ class ImageRecipe(Recipe):
                 "n_classes": len(data.classes),
                 "initial_weights": self.weights_spec,
                 "mode": self.mode,
+                "tail_blocks": int(self.tail_blocks) if self.mode == "tail" else None,
+                "split_at": model.backbone.split_at if self.mode == "tail" else None,
                 "frozen_backbone": frozen,
                 "trainable_backbone_modules": [] if frozen else [n for n, m in model.backbone.named_modules() if n and any(p.requires_grad for p in m.parameters(recurse=False))][:50],
                 "embedding": "ReLU(Linear(backbone features)): the penultimate layer",
             },
-            "preprocessing": {"image": self.preprocessor.to_config(), "augmentation": self.augmentation if self.mode == "fine_tune" else []},
+            "preprocessing": {"image": self.preprocessor.to_config(), "augmentation": self._augmentation_used()},
             "features": {"cache_file": stats.cache_file, "photos": stats.total, "reused": stats.reused, "computed": stats.computed},
         }

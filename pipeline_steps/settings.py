@@ -150,7 +150,9 @@ class ImageTrainSettings(Section):
     backbone: Literal[BACKBONES]  # type: ignore[valid-type]
     weights: str | None
     input_size: PositiveInt | None
-    mode: Literal["auto", "frozen", "fine_tune"]
+    mode: Literal["auto", "frozen", "tail", "fine_tune"]
+    tail_blocks: NonNegativeInt
+    backbone_lr: PositiveFloat
     trainable_blocks: PositiveInt | Literal["all"]
     freeze_backbone: Auto | StrictBool
     features_dir: str

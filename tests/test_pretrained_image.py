@@ -186,12 +186,57 @@ def test_fine_tune_mode_trains_the_last_blocks_end_to_end(tiny: tuple[Path, dict
     assert classifier.predict_proba([Image.new("RGB", (50, 30), (200, 10, 10))]).shape == (1, 3)
 
 
-def test_auto_mode_is_frozen_on_cpu_and_fine_tune_on_cuda() -> None:
-    assert recipe_image.resolve_image_mode("auto", torch.device("cpu")) == "frozen"
-    assert recipe_image.resolve_image_mode("auto", torch.device("cuda")) == "fine_tune"
+def test_tail_mode_trains_the_backbone_tail_on_cached_prefix_maps_end_to_end(tiny: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    clean, params = tiny
+    params = copy.deepcopy(params)
+    params["train"]["image"].update(mode="tail", tail_blocks=1, features_dir=str(tmp_path / "features"), augmentation=["horizontal_flip"])
+    result = training.train_image_classifier(clean, params["train"], tmp_path / "image", progress=False)
+    architecture = result.config["architecture"]
+    n_blocks = result.model.backbone.n_blocks
+    assert architecture["mode"] == "tail" and architecture["split_at"] == n_blocks - 1 and not architecture["frozen_backbone"]
+    assert result.config["preprocessing"]["augmentation"] == ["horizontal_flip (of the prefix's stored maps)"]
+    reference = models.build_image_classifier(image_section(backbone="efficientnet_lite0", weights="packaged"), n_classes=3)
+    frozen, trained = reference.backbone.net, result.model.backbone.net
+    assert torch.equal(trained._conv_stem.weight, frozen._conv_stem.weight)  # prefix: the packaged weights
+    assert torch.equal(trained._blocks[n_blocks - 2]._project_conv.weight, frozen._blocks[n_blocks - 2]._project_conv.weight)
+    assert not torch.equal(trained._blocks[n_blocks - 1]._project_conv.weight, frozen._blocks[n_blocks - 1]._project_conv.weight)  # tail
+    assert not torch.equal(trained._conv_head.weight, frozen._conv_head.weight)
+    # the cache holds the prefix's maps (float16, one per photo); a re-run reuses all of them
+    stored = torch.load(result.config["features"]["cache_file"], weights_only=True)["features"]
+    assert stored.dtype == torch.float16 and stored.dim() == 4 and len(stored) == result.config["features"]["photos"]
+    again = training.train_image_classifier(clean, params["train"], tmp_path / "image2", progress=False)
+    assert again.config["features"]["reused"] == again.config["features"]["photos"] and again.config["features"]["computed"] == 0
+    # loaded back, it is split again: the index path (cached maps -> tail) matches running the photos through the model
+    classifier = inference.load_classifier(tmp_path / "image", device="cpu")
+    assert classifier.module.backbone.split_at == n_blocks - 1
+    direct = inference.predict_split(classifier, clean, "test", progress=False)
+    cached = inference.predict_split(classifier, clean, "test", progress=False, feature_cache_dir=tmp_path / "features")
+    np.testing.assert_allclose(direct.proba, cached.proba, atol=2e-3)  # float16 maps
+    assert (direct.proba.argmax(1) == cached.proba.argmax(1)).all()
+
+
+def test_a_split_backbone_computes_the_same_features() -> None:
+    backbone = models.build_image_classifier(image_section(backbone="efficientnet_lite0", weights="packaged"), n_classes=3).backbone.eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        whole = backbone(pixels)
+        backbone.split(3)
+        assert torch.equal(backbone.tail(backbone.prefix_module()(pixels)), whole) and torch.equal(backbone(pixels), whole)
+    assert not any(p.requires_grad for p in backbone.prefix_module().parameters())
+    assert all(p.requires_grad for p in backbone.net._blocks[-1].parameters())
+    with pytest.raises(ConfigError, match=r"train\.image\.tail_blocks.*between 0 and 16"):
+        backbone.split(17)
+
+
+def test_auto_mode_is_tail_or_frozen_on_cpu_and_fine_tune_on_cuda() -> None:
+    assert recipe_image.resolve_image_mode("auto", torch.device("cpu"), backbone="efficientnet_lite2") == "tail"
+    assert recipe_image.resolve_image_mode("auto", torch.device("cpu"), backbone="resnet18") == "frozen"
+    assert recipe_image.resolve_image_mode("auto", torch.device("cuda"), backbone="efficientnet_lite2") == "fine_tune"
     assert recipe_image.resolve_image_mode("auto", torch.device("cpu"), pretrained=False) == "fine_tune"
     with pytest.raises(ConfigError, match=r"train\.image\.mode.*frozen"):
         recipe_image.resolve_image_mode("half", torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"tail needs an EfficientNet-Lite.*resnet18"):
+        recipe_image.resolve_image_mode("tail", torch.device("cpu"), backbone="resnet18")
 
 
 # --------------------------------------------------------------------------- odd photos at request time

@@ -43,6 +43,8 @@ CODE_DEFAULTS: dict[str, Any] = {
         "weights": None,
         "input_size": None,
         "mode": "auto",
+        "tail_blocks": 0,
+        "backbone_lr": 0.0001,
         "trainable_blocks": 1,
         "freeze_backbone": "auto",
         "features_dir": "artifacts/features/image",
