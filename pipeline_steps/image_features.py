@@ -15,6 +15,12 @@ looked up by the hash of its bytes, so
 * the same photo under another id or split is reused; a changed photo (same id, other bytes) is
   recomputed; other weights or another preprocessing use another file (never mixed);
 * new photos are computed and appended (when `write=True`), known ones are read back.
+
+`train.image.mode: tail` caches less of the backbone: the model's backbone is split
+(`models.LiteBackbone.split`) into a frozen prefix and a trainable tail, and the cache holds the
+prefix's output maps (float16; the file's identity is the prefix's weights, so the trained tail
+does not invalidate it). The tail's training reads the maps; every other reader (the index stage,
+the multimodal model) gets pooled features, computed from the maps by the trained tail.
 """
 
 from __future__ import annotations
@@ -187,7 +193,9 @@ def backbone_features(
     else:
         stored = _cached_features(backbone_name, module, preprocessor, paths, Path(cache_dir), device, batch_size, progress, write, stats, split)
     if split and not maps:
-        return pooled_from_maps(backbone, stored, device)
+        # the tail runs in the same batches as the backbone would (callers align shards to them:
+        # CPU kernels can round a row differently in another batch)
+        return pooled_from_maps(backbone, stored, device, batch_size)
     return stored
 
 
