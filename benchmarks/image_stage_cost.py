@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/image_stage_cost"))
     parser.add_argument("--variant", action="append", default=None, help="NAME:key=value,... under train.image")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--note", default="", help="the conditions of the run (what else ran on the box), kept in the JSON")
     return parser.parse_args()
 
 
@@ -81,7 +82,7 @@ def main() -> None:
                         "epochs_run": len(result.history), "best_epoch": result.best_epoch, "best_val_loss": round(result.best_val_loss, 4),
                         "val_accuracy_at_best": last.get("val_accuracy", last.get("val_acc"))})
         print(json.dumps(results[-1]), flush=True)
-    out = {"clean_dir": str(clean), "photos": int(sum(1 for _ in (clean / "images").rglob("*.jpg"))), "results": results}
+    out = {"note": args.note, "clean_dir": str(clean), "photos": int(sum(1 for _ in (clean / "images").rglob("*.jpg"))), "results": results}
     if args.out:
         args.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(out, indent=1))

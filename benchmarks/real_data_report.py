@@ -164,6 +164,7 @@ def score_all(clean: Path, settings: dict[str, Any], skip: set[str], split: str 
             row["search_embedding"] = classifier.config.get("search_embedding")
             row["backbone"] = classifier.config["architecture"]["backbone"]
             row["mode"] = classifier.config["architecture"].get("mode")
+            row["tail_blocks"] = classifier.config["architecture"].get("tail_blocks")
             row["input_size"] = classifier.config.get("preprocessing", {}).get("image", {}).get("input_size")
         if name == "multimodal":
             row.update(multimodal_ablations(classifier, clean, features, split))
@@ -234,7 +235,10 @@ def markdown(report: dict[str, Any]) -> str:
         label = labels[name]
         if name == "image":
             size = row.get("input_size")
-            label = f"image: {row.get('backbone')} ({row.get('mode')} backbone{f', {size} px' if size else ''})"
+            how = {"frozen": "frozen backbone", "fine_tune": "fine-tuned backbone",
+                   "tail": (f"last {row['tail_blocks']} block(s) + head conv" if row.get("tail_blocks") is not None else "backbone tail")
+                   + " fine-tuned on cached maps"}.get(row.get("mode"), f"{row.get('mode')} backbone")
+            label = f"image: {row.get('backbone')} ({how}{f', {size} px' if size else ''})"
         pp = row.get("per_product", {}).get("accuracy")
         pooling = row.get("per_product", {}).get("pooling", "mean of probabilities")
         lines.append(

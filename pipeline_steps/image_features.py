@@ -1,6 +1,6 @@
 """Backbone features of photos, computed once in batches and cached on disk.
 
-With a frozen backbone (`train.image.mode: frozen`, the CPU default) the backbone's pooled
+With a frozen backbone (`train.image.mode: frozen`; `tail` below is the CPU default) the backbone's pooled
 features of a photo never change while its weights, the preprocessing and the photo itself stay
 the same. Extracting them is the slow part (EfficientNet-Lite0 at 224 px: ~11 photos/s on two
 busy cores), so they are computed once, stored, and reused by the image model's head training,
