@@ -324,12 +324,12 @@ class LitePrefix(nn.Module):
         super().__init__()
         self.stem, self.stem_norm, self.swish = net._conv_stem, net._bn0, net._swish
         self.blocks = nn.ModuleList(list(net._blocks[:split_at]))
-        self.rate, self.n_total = net._global_params.drop_connect_rate or 0.0, len(net._blocks)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # frozen and run in eval mode (feature extraction): drop-connect does nothing here
         x = self.swish(self.stem_norm(self.stem(pixels)))
-        for index, block in enumerate(self.blocks):
-            x = block(x, drop_connect_rate=float(self.rate) * index / self.n_total if self.rate else 0.0)
+        for block in self.blocks:
+            x = block(x)
         return x
 
 
@@ -417,6 +417,14 @@ class ImageClassifier(nn.Module):
                 self._frozen_norms.append(module)
             frozen.append(name)
         return frozen
+
+    def split_backbone(self, tail_blocks: int) -> list[nn.Parameter]:
+        """`train.image.mode: tail`: freeze the EfficientNet-Lite backbone up to its last `tail_blocks`
+        blocks (LiteBackbone.split) and keep every backbone BatchNorm in eval mode (pretrained
+        statistics). Returns the tail's parameters."""
+        self.backbone.split(tail_blocks)
+        self._frozen_norms = [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return [p for p in self.backbone.parameters() if p.requires_grad]
 
     def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)

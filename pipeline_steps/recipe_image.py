@@ -253,9 +253,7 @@ class ImageRecipe(Recipe):
     def trainable(self) -> tuple[nn.Module, list[ParamGroup]]:
         model = self.model
         if self.mode == "tail":
-            model.backbone.split(int(self.tail_blocks))
-            model._frozen_norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            tail = [p for p in model.backbone.parameters() if p.requires_grad]
+            tail = model.split_backbone(int(self.tail_blocks))
             head = [*model.embedding.parameters(), *model.classifier.parameters()]
             groups = [param_group(head, self.lr, self.weight_decay), param_group(tail, self.backbone_lr, self.weight_decay)]
             return TailHead(model, "horizontal_flip" in self.augmentation), groups
