@@ -39,7 +39,10 @@ def evaluate_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
             f"{category_model_dir} holds no trained model: the price model is scored with the category the "
             f"{PRICE_CATEGORY_KIND} classifier predicts (as the service does); train it first"
         )
-    metrics, y_true, y_pred, classes, ids = evaluation.score_model(kind, model_dir, clean_dir, category_model_dir)
+    # the image and multimodal models read the test photos' features from the image model's cache (train_image fills it)
+    metrics, y_true, y_pred, classes, ids = evaluation.score_model(
+        kind, model_dir, clean_dir, category_model_dir, feature_cache_dir=path_of(settings, "train.image.features_dir")
+    )
     metrics["split"] = "test"
     # what register checks: these numbers belong to this model (its training run) and these rows
     metrics[MODEL_RUN_KEY] = tracking.run_id_of(model_dir)

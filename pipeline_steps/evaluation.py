@@ -284,7 +284,12 @@ def per_product_scores(proba: np.ndarray, product_ids: Sequence[str], labels: Se
 
 
 def score_model(
-    kind: str, model_dir: str | Path, clean_dir: str | Path, category_model_dir: str | Path | None = None, split: str = "test"
+    kind: str,
+    model_dir: str | Path,
+    clean_dir: str | Path,
+    category_model_dir: str | Path | None = None,
+    split: str = "test",
+    feature_cache_dir: str | Path | None = None,
 ) -> Scored:
     """Score one trained model directory on a split of the clean layer, the same way for every kind.
 
@@ -297,6 +302,11 @@ def score_model(
         category_model_dir: for `price` only: the classifier served beside the price estimator
             (PRICE_CATEGORY_KIND); the price is scored with the category it predicts, as served.
         split: the split to score (the test split for every number that is registered).
+        feature_cache_dir: for the image and multimodal models: the image model's feature cache
+            (`train.image.features_dir`, read only). The train_image stage stores every split's photos
+            there; an entry is used only when its backbone identity matches the model's (else the
+            photos run through the network), and the cached path computes what the network computes
+            on the photo (tests/test_pretrained_image.py). None: every photo runs through the network.
 
     Returns:
         Scored: metrics (classification_metrics / score_price, plus `unit` for classifiers),
@@ -308,7 +318,7 @@ def score_model(
         from pipeline_steps import inference  # torch: only for the networks
 
         classifier = inference.load_classifier(model_dir)
-        prediction = inference.predict_split(classifier, clean_dir, split)
+        prediction = inference.predict_split(classifier, clean_dir, split, feature_cache_dir=feature_cache_dir)
         metrics = classification_metrics(prediction.labels, prediction.proba, classifier.classes)
         metrics["unit"] = "image" if kind == "image" else "product"
         ids = prediction.ids["product_id"].astype(str).tolist()

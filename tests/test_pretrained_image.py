@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline_steps import image_features, inference, models, recipe_image, training
+from pipeline_steps import evaluation, image_features, inference, models, recipe_image, training
 from pipeline_steps.errors import ConfigError
 from tests.support import tiny_bundle as devtools
 from tests.support.train_sections import image_section, multimodal_section, text_section
@@ -213,6 +213,11 @@ def test_tail_mode_trains_the_backbone_tail_on_cached_prefix_maps_end_to_end(tin
     cached = inference.predict_split(classifier, clean, "test", progress=False, feature_cache_dir=tmp_path / "features")
     np.testing.assert_allclose(direct.proba, cached.proba, atol=2e-3)  # float16 maps
     assert (direct.proba.argmax(1) == cached.proba.argmax(1)).all()
+    # the evaluate stage scores through the same cache: the same numbers as running the photos
+    scored_direct = evaluation.score_model("image", tmp_path / "image", clean)
+    scored_cached = evaluation.score_model("image", tmp_path / "image", clean, feature_cache_dir=tmp_path / "features")
+    assert scored_cached.metrics["accuracy"] == scored_direct.metrics["accuracy"]
+    assert scored_cached.metrics["per_product"]["accuracy"] == scored_direct.metrics["per_product"]["accuracy"]
 
 
 def test_a_split_backbone_computes_the_same_features() -> None:
