@@ -282,6 +282,9 @@ class ImageRecipe(Recipe):
                 for s in ("train", "val")
             )
             return train_set, val_set, ds.collate_tensor_dicts
+        # trained end to end: nothing to cache, but the folder is the train_image stage's declared output
+        # (dvc.yaml), so it exists, empty, as `dvc repro` expects (the CUDA default and random-init backbones)
+        image_features_dir(self.params).mkdir(parents=True, exist_ok=True)
         train_set = ds.image_dataset(data, "train", models.TrainImageTransform(self.preprocessor, self.augmentation))
         val_set = ds.image_dataset(data, "val", self.preprocessor)
         return train_set, val_set, ds.collate_images

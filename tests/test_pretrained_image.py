@@ -174,10 +174,13 @@ def test_frozen_mode_trains_the_head_on_cached_features_end_to_end(tiny: tuple[P
 def test_fine_tune_mode_trains_the_last_blocks_end_to_end(tiny: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     clean, params = tiny
     params = copy.deepcopy(params)
-    params["train"]["image"].update(mode="fine_tune", trainable_blocks=1, epochs=1, augmentation=["horizontal_flip"])
+    params["train"]["image"].update(
+        mode="fine_tune", trainable_blocks=1, epochs=1, augmentation=["horizontal_flip"], features_dir=str(tmp_path / "features")
+    )
     result = training.train_image_classifier(clean, params["train"], tmp_path / "image", progress=False)
     architecture = result.config["architecture"]
     assert architecture["mode"] == "fine_tune" and not architecture["frozen_backbone"]
+    assert (tmp_path / "features").is_dir()  # the stage's declared output exists even with nothing to cache (dvc repro checks it)
     assert all(name.startswith(("net._blocks.15", "net._conv_head", "net._bn1")) for name in architecture["trainable_backbone_modules"])
     reference = models.build_image_classifier(image_section(backbone="efficientnet_lite0", weights="packaged"), n_classes=3)
     assert torch.equal(result.model.backbone.net._conv_stem.weight, reference.backbone.net._conv_stem.weight)  # frozen part
