@@ -45,7 +45,7 @@ COMMAND = (".venv/bin/python benchmarks/pipeline_overhead.py --priority --cold -
            ".venv/bin/python benchmarks/pipeline_overhead.py --priority --baseline benchmarks/results/pipeline_overhead_no_runner.json "
            "--cold-report benchmarks/results/pipeline_overhead_cold.json --update-markdown BENCHMARKS.md")
 # What a fresh clone lacks and a re-run reuses (params.yaml keys; the caches are rebuilt by the stages).
-CACHE_KEYS = (("train", "image", "features_dir"), ("train", "checkpoints_dir"), ("index", "embeddings_dir"))
+CACHE_KEYS = ("train.image.features_dir", "train.checkpoints_dir", "index.embeddings_dir")
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 
@@ -145,17 +145,11 @@ def where_it_goes(report: dict) -> list[str]:
 
 
 def cache_dirs(params_file: Path) -> list[Path]:
-    """The cache folders `--cold` deletes, read from params.yaml (CACHE_KEYS)."""
-    import yaml
+    """The cache folders `--cold` deletes (CACHE_KEYS), read from params.yaml as the stages read them."""
+    from pipeline_steps import config
 
-    params = yaml.safe_load(params_file.read_text())
-    found = []
-    for keys in CACHE_KEYS:
-        value = params
-        for key in keys:
-            value = value[key]
-        found.append(ROOT / value)
-    return found
+    params = config.load_params(params_file)
+    return [config.resolve_path(config.get(params, key), ROOT) for key in CACHE_KEYS]
 
 
 TOTALS = (
