@@ -8,6 +8,7 @@ so the MLflow UI's run comparison lines the models up.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -19,9 +20,16 @@ from pipeline_steps import evaluation, visualise
 from pipeline_steps.config import existing_dir, require_choice
 from pipeline_steps.evaluation import CATEGORY_MODEL_KEY, MODEL_RUN_KEY, SPLIT_HASH_KEY
 from pipeline_steps.io_utils import read_json
-from pipeline_steps.model_kinds import ALL_KINDS, PRICE_CATEGORY_KIND
+from pipeline_steps.model_kinds import ALL_KINDS, CLASSIFIER_KINDS, PRICE_CATEGORY_KIND
 
 MODELS = ALL_KINDS
+
+
+def _text_cache_dir(settings: dict[str, Any]) -> Path:
+    """The training's text-vector cache (imported here: torch only for the networks)."""
+    from pipeline_steps.text_embedding_cache import embedding_cache_dir
+
+    return embedding_cache_dir(settings["train"])
 
 
 @task(name="evaluate-model")
@@ -39,9 +47,11 @@ def evaluate_task(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
             f"{category_model_dir} holds no trained model: the price model is scored with the category the "
             f"{PRICE_CATEGORY_KIND} classifier predicts (as the service does); train it first"
         )
-    # the image and multimodal models read the test photos' features from the image model's cache (train_image fills it)
+    # the image and multimodal models read the test photos' features from the image model's cache (train_image fills
+    # it), the text and multimodal models the texts' encoder vectors from the training's text-vector cache
     metrics, y_true, y_pred, classes, ids = evaluation.score_model(
-        kind, model_dir, clean_dir, category_model_dir, feature_cache_dir=path_of(settings, "train.image.features_dir")
+        kind, model_dir, clean_dir, category_model_dir, feature_cache_dir=path_of(settings, "train.image.features_dir"),
+        text_cache_dir=_text_cache_dir(settings) if kind in CLASSIFIER_KINDS else None,
     )
     metrics["split"] = "test"
     # what register checks: these numbers belong to this model (its training run) and these rows

@@ -35,6 +35,7 @@ from pipeline_steps.evaluation import write_metrics_json
 from pipeline_steps.index import IndexSettings, SimilarityIndex
 from pipeline_steps.index_quality import index_quality_metrics
 from pipeline_steps.model_kinds import INDEX_KINDS, PRICE_KIND, SERVED_KINDS
+from pipeline_steps.text_embedding_cache import embedding_cache_dir
 from pipeline_steps.visualise import neighbour_figure
 
 KINDS = SERVED_KINDS
@@ -67,9 +68,13 @@ def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any],
 
     def compute() -> tuple[np.ndarray, pd.DataFrame]:
         # photos' backbone features from the image model's frozen-feature cache when it holds them
-        # (keyed by backbone weights + preprocessing + photo bytes, so a fine-tuned backbone never matches)
+        # (keyed by backbone weights + preprocessing + photo bytes, so a fine-tuned backbone never matches),
+        # texts' encoder vectors from the training's text-vector cache (keyed by the encoder's weights)
         with sharding.torch_threads(sharding.pass_threads(settings["train"]["num_threads"])):
-            prediction = inference.predict_split(classifier, clean_dir, None, feature_cache_dir=path_of(settings, "train.image.features_dir"))
+            prediction = inference.predict_split(
+                classifier, clean_dir, None, feature_cache_dir=path_of(settings, "train.image.features_dir"),
+                text_cache_dir=embedding_cache_dir(settings["train"]),
+            )
         computed["probs"] = (prediction.proba, prediction.ids)
         return prediction.embeddings, prediction.ids
 
@@ -106,7 +111,7 @@ def index_task(kind: str, model: tuple[str, str, str], settings: dict[str, Any],
 def predict_shard_task(model_dir: str, shard: sharding.Shard, paths: dict[str, str], batch_size: int, num_threads: int) -> dict[str, Any]:
     return sharding.predict_shard(
         model_dir, shard, paths["clean_dir"], paths["out_dir"], batch_size=batch_size,
-        feature_cache_dir=paths["features_dir"], num_threads=num_threads,
+        feature_cache_dir=paths["features_dir"], num_threads=num_threads, text_cache_dir=paths["text_cache_dir"],
     )
 
 
@@ -120,6 +125,7 @@ def _predict_shards(model_dirs: dict[str, str], settings: dict[str, Any]) -> dic
     for kind, model_dir in model_dirs.items():
         paths = {
             "clean_dir": str(clean_dir), "features_dir": str(path_of(settings, "train.image.features_dir")),
+            "text_cache_dir": str(embedding_cache_dir(settings["train"])),
             "out_dir": str(path_of(settings, "distributed.work_dir") / "index" / kind),
         }
         shards = sharding.plan_shards(sharding.listing_count(clean_dir, kind), int(dist["shard_size"]), batch_size)

@@ -290,6 +290,7 @@ def score_model(
     category_model_dir: str | Path | None = None,
     split: str = "test",
     feature_cache_dir: str | Path | None = None,
+    text_cache_dir: str | Path | None = None,
 ) -> Scored:
     """Score one trained model directory on a split of the clean layer, the same way for every kind.
 
@@ -307,6 +308,9 @@ def score_model(
             there; an entry is used only when its backbone identity matches the model's (else the
             photos run through the network), and the cached path computes what the network computes
             on the photo (tests/test_pretrained_image.py). None: every photo runs through the network.
+        text_cache_dir: for the text and multimodal models: the training's text-vector cache
+            (`text_embedding_cache.embedding_cache_dir`, read only), used when it holds every text's
+            vector for the model's exact encoder weights (else the texts run through the encoder).
 
     Returns:
         Scored: metrics (classification_metrics / score_price, plus `unit` for classifiers),
@@ -318,7 +322,7 @@ def score_model(
         from pipeline_steps import inference  # torch: only for the networks
 
         classifier = inference.load_classifier(model_dir)
-        prediction = inference.predict_split(classifier, clean_dir, split, feature_cache_dir=feature_cache_dir)
+        prediction = inference.predict_split(classifier, clean_dir, split, feature_cache_dir=feature_cache_dir, text_cache_dir=text_cache_dir)
         metrics = classification_metrics(prediction.labels, prediction.proba, classifier.classes)
         metrics["unit"] = "image" if kind == "image" else "product"
         ids = prediction.ids["product_id"].astype(str).tolist()

@@ -270,16 +270,33 @@ class Classifier:
         features = self.module.image_tower.backbone(pixels.to(self.device)) if pixels.shape[0] else None
         return self.multimodal_outputs(features, owner, texts)
 
-    def multimodal_outputs(self, features: torch.Tensor | None, owner: torch.Tensor, texts: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, fused embedding) from the photos' backbone features (row `owner[i]` owns photo i)."""
-        tokens = self._tokens([text or "" for text in texts])
+    def multimodal_outputs(
+        self, features: torch.Tensor | None, owner: torch.Tensor, texts: Sequence[str | None], text_vectors: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, fused embedding) from the photos' backbone features (row `owner[i]` owns photo i) and,
+        when given, the text tower's pooled vectors of `texts` (else the texts are encoded here)."""
+        filled = [text or "" for text in texts]
+        tokens = self._tokens(filled) if text_vectors is None else {"input_ids": None, "attention_mask": None}
         present = torch.tensor([bool(text) for text in texts], dtype=torch.bool, device=self.device)
         empty = torch.zeros((0, 3, 1, 1), device=self.device)
         return self.module.logits_and_embedding(
             empty, owner.to(self.device), tokens["input_ids"], tokens["attention_mask"], present,
             image_features=None if features is None else features.to(self.device),
-            **self._wide_inputs([text or "" for text in texts]),
+            text_embeddings=None if text_vectors is None else text_vectors.to(self.device),
+            **self._wide_inputs(filled),
         )
+
+    def text_outputs(self, texts: Sequence[str], text_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, embedding) of the text model from its encoder's pooled vectors of `texts`."""
+        vectors = text_vectors.to(self.device).float()
+        return self.module.classify_embedding(vectors, **self._wide_inputs([str(text) for text in texts])), vectors
+
+    @property
+    def text_encoder(self) -> torch.nn.Module | None:
+        """The text model's encoder, or the multimodal model's text tower's (None for the image model)."""
+        if self.kind == "text":
+            return self.module.encoder
+        return self.module.text_tower.encoder if self.kind == "multimodal" else None
 
 
 def _as_photo_list(image: ImageInput) -> list[Image.Image]:
@@ -315,6 +332,7 @@ def predict_split(
     progress: bool = True,
     feature_cache_dir: str | Path | None = None,
     rows: tuple[int, int] | None = None,
+    text_cache_dir: str | Path | None = None,
 ) -> SplitPrediction:
     """Predict and embed a whole clean split (None = every split) in batches.
 
@@ -324,6 +342,12 @@ def predict_split(
 
     `rows=(start, stop)`: only those rows of the split's row order (one shard of a sharded run,
     pipeline_steps/sharding.py); the shards' outputs concatenated in order are the whole split's.
+
+    `feature_cache_dir`: the photos' backbone features (or prefix maps) are read from the image
+    model's feature cache (`image_features`); `text_cache_dir`: the texts' encoder vectors are read
+    from the training's text-vector cache (`text_embedding_cache`) when it holds all of them for
+    this model's exact encoder weights. Both give the outputs of the model run on the raw inputs,
+    up to float rounding, without running the backbone or the encoder again.
     """
     data = ds.load_clean(clean_dir)
     if classifier.kind == "image":
@@ -347,8 +371,13 @@ def predict_split(
         sources = sources[start:stop]
         texts = None if texts is None else texts[start:stop]
     n, step = len(frame), batch_size or classifier.batch_size
-    if feature_cache_dir is not None and classifier.kind in ("image", "multimodal"):
-        return _predict_from_features(classifier, frame, sources, texts, feature_cache_dir, step, progress, photo_window)
+    text_vectors = None
+    if text_cache_dir is not None and texts is not None and (classifier.kind == "text" or feature_cache_dir is not None):
+        from pipeline_steps.text_embedding_cache import stored_text_embeddings
+
+        text_vectors = stored_text_embeddings(text_cache_dir, classifier.text_encoder, [_text_or_empty(t) for t in texts], classifier.max_length)
+    if (feature_cache_dir is not None and classifier.kind in ("image", "multimodal")) or text_vectors is not None:
+        return _predict_from_features(classifier, frame, sources, texts, feature_cache_dir, step, progress, photo_window, text_vectors)
     probas, embeddings = [np.zeros((0, len(classifier.classes)), np.float32)], [np.zeros((0, classifier.embedding_dim), np.float32)]
     for start in tqdm(range(0, n, step), desc=f"{classifier.kind} {split or 'all'}", disable=not progress, leave=False):
         stop = min(n, start + step)
@@ -390,26 +419,37 @@ def _photo_features(
     return features if window is None else features[lo:hi]
 
 
+def _text_or_empty(text: Any) -> str:
+    """A row's text as the multimodal model reads it ("" for a missing one)."""
+    return "" if text is None or (isinstance(text, float) and np.isnan(text)) else str(text)
+
+
 @torch.inference_mode()
 def _predict_from_features(
-    classifier: Classifier, frame: pd.DataFrame, sources: list[Any], texts: list[Any] | None, cache_dir: str | Path, step: int, progress: bool,
-    photo_window: tuple[list[Any], int, int] | None = None,
+    classifier: Classifier, frame: pd.DataFrame, sources: list[Any], texts: list[Any] | None, cache_dir: str | Path | None, step: int, progress: bool,
+    photo_window: tuple[list[Any], int, int] | None = None, text_vectors: torch.Tensor | None = None,
 ) -> SplitPrediction:
     """predict_split with the photos' backbone features read from the frozen-feature cache
     (`image_features`, keyed by backbone weights + preprocessing + photo bytes; missing ones are
-    computed, not stored). The same outputs as running the photos through the model."""
-    flat = sources if classifier.kind == "image" else [path for paths in sources for path in paths]
-    features = _photo_features(classifier, flat, cache_dir, progress, photo_window)
+    computed, not stored) and/or the texts' encoder vectors (`text_vectors`, row i = text i).
+    The same outputs as running the photos and texts through the model."""
+    features = None
+    if classifier.kind != "text":
+        flat = sources if classifier.kind == "image" else [path for paths in sources for path in paths]
+        features = _photo_features(classifier, flat, cache_dir, progress, photo_window)
     probas, embeddings = [np.zeros((0, len(classifier.classes)), np.float32)], [np.zeros((0, classifier.embedding_dim), np.float32)]
     starts = np.concatenate([[0], np.cumsum([len(paths) for paths in sources])]) if classifier.kind == "multimodal" else None
     for start in range(0, len(frame), step):
         stop = min(len(frame), start + step)
         if classifier.kind == "image":
             logits, embedding = classifier.image_outputs(features[start:stop].to(classifier.device))
+        elif classifier.kind == "text":
+            logits, embedding = classifier.text_outputs(texts[start:stop], text_vectors[start:stop])
         else:
             lo, hi = int(starts[start]), int(starts[stop])
             owner = torch.tensor([row - start for row in range(start, stop) for _ in sources[row]], dtype=torch.long)
-            logits, embedding = classifier.multimodal_outputs(features[lo:hi] if hi > lo else None, owner, texts[start:stop])
+            batch_vectors = None if text_vectors is None else text_vectors[start:stop]
+            logits, embedding = classifier.multimodal_outputs(features[lo:hi] if hi > lo else None, owner, texts[start:stop], batch_vectors)
         probas.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float32))
         embeddings.append(embedding.float().cpu().numpy().astype(np.float32))
     return SplitPrediction(frame.reset_index(drop=True), frame["label"].to_numpy(), np.concatenate(probas), np.concatenate(embeddings))

@@ -1069,18 +1069,20 @@ class MultimodalClassifier(nn.Module):
         attention_mask: torch.Tensor,
         text_present: torch.Tensor,
         image_features: torch.Tensor | None = None,
+        text_embeddings: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`image_features`: the photos' backbone features, when already computed (then `pixels` is unused)."""
-        n = input_ids.shape[0]
+        """`image_features`: the photos' backbone features, when already computed (then `pixels` is unused);
+        `text_embeddings`: the text tower's pooled vectors, when already computed (then the tokens are unused)."""
+        n = text_present.shape[0]
         if image_features is not None and image_features.shape[0]:
             image_emb, image_present = pool_per_owner(self.photo_vectors(image_features), image_owner, n, self.image_pooling)
         elif pixels.shape[0]:
             vectors = self.photo_vectors(self.image_tower.backbone(pixels))
             image_emb, image_present = pool_per_owner(vectors, image_owner, n, self.image_pooling)
         else:
-            image_emb = torch.zeros((n, self.image_dim), device=input_ids.device)
-            image_present = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
-        text_emb = self.text_tower.embed(input_ids, attention_mask).float()
+            image_emb = torch.zeros((n, self.image_dim), device=text_present.device)
+            image_present = torch.zeros(n, dtype=torch.bool, device=text_present.device)
+        text_emb = (self.text_tower.embed(input_ids, attention_mask) if text_embeddings is None else text_embeddings).float()
         return image_emb, image_present, text_emb, text_present.bool()
 
     def embed(self, pixels, image_owner, input_ids, attention_mask, text_present) -> torch.Tensor:  # noqa: ANN001
@@ -1090,9 +1092,9 @@ class MultimodalClassifier(nn.Module):
         towers = self.tower_embeddings(pixels, image_owner, input_ids, attention_mask, text_present)
         return self.calibrate(self.fusion(*towers, self.wide, **wide_inputs), towers[0], towers[1])
 
-    def logits_and_embedding(self, pixels, image_owner, input_ids, attention_mask, text_present, image_features=None, **wide_inputs) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001, ANN003
+    def logits_and_embedding(self, pixels, image_owner, input_ids, attention_mask, text_present, image_features=None, text_embeddings=None, **wide_inputs) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001, ANN003
         """(logits, fused embedding) in one pass (inference: eval mode, no modality dropout)."""
-        towers = self.tower_embeddings(pixels, image_owner, input_ids, attention_mask, text_present, image_features)
+        towers = self.tower_embeddings(pixels, image_owner, input_ids, attention_mask, text_present, image_features, text_embeddings)
         logits, embedding = self.fusion.logits_and_embedding(*towers, self.wide, **wide_inputs)
         return self.calibrate(logits, towers[0], towers[1]), embedding
 

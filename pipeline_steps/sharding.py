@@ -169,6 +169,7 @@ def predict_shard(
     batch_size: int,
     feature_cache_dir: str | Path | None = None,
     num_threads: int | None = None,
+    text_cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The model's embeddings + class probabilities of rows [shard.start, shard.stop) of its listings,
     written as ``<out_dir>/<shard>.npy`` (embeddings), ``.proba.npy`` and ``.parquet`` (ids), with
@@ -179,7 +180,8 @@ def predict_shard(
     started = time.perf_counter()
     with torch_threads(pass_threads(num_threads)):
         prediction = inference.predict_split(
-            classifier, clean_dir, None, progress=False, feature_cache_dir=feature_cache_dir, rows=(shard.start, shard.stop)
+            classifier, clean_dir, None, progress=False, feature_cache_dir=feature_cache_dir, rows=(shard.start, shard.stop),
+            text_cache_dir=text_cache_dir,
         )
     seconds = time.perf_counter() - started
     out_dir = Path(out_dir)

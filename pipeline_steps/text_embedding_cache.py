@@ -5,6 +5,11 @@ only the head trains, on vectors the encoder gives for each product's text. Enco
 slow part (minutes on CPU) and its result only changes when the encoder, max_length or the
 texts do, so re-runs and the multimodal model (which reuses the text tower) read it back.
 The cache lives under `train.checkpoints_dir/embedding_cache`.
+
+Each file also records the sha256 of the encoder's weights, max_length and the sha256 of each
+text, so a stage that predicts with a trained model (evaluate, index) can read the vectors of its
+own texts back (`stored_text_embeddings`) whatever split or order they were cached in: a model
+whose encoder weights differ from the cached ones (fine-tuned) finds nothing and encodes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from tqdm.auto import tqdm
 from pipeline_steps import datasets as ds
 from pipeline_steps import models
 from pipeline_steps.config import resolve_path
+from pipeline_steps.image_features import module_sha256
 from pipeline_steps.io_utils import atomic_path
 from pipeline_steps.training_loop import fingerprint, to_device
 
@@ -95,8 +101,61 @@ def cached_text_embeddings(
     if path.is_file():
         stored = torch.load(path, map_location="cpu", weights_only=True)
         if stored.get("key") == key and stored["embeddings"].shape[0] == len(texts):
+            if "text_keys" not in stored:  # written before the per-text lookup: add what it needs
+                _write(path, key, identity, stored["embeddings"], encoder, texts, max_length)
             return stored["embeddings"]
     embeddings = encode_texts(encoder, tokenizer, texts, max_length, device, progress=progress)
-    with atomic_path(path) as tmp:
-        torch.save({"key": key, "identity": dict(identity), "embeddings": embeddings}, tmp)
+    _write(path, key, identity, embeddings, encoder, texts, max_length)
     return embeddings
+
+
+def _write(path: Path, key: str, identity: Mapping[str, Any], embeddings: torch.Tensor, encoder: torch.nn.Module, texts: Sequence[str], max_length: int) -> None:
+    record = {
+        "key": key, "identity": dict(identity), "embeddings": embeddings,
+        "encoder_sha256": module_sha256(encoder), "max_length": int(max_length), "text_keys": text_keys(texts),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(record, tmp)
+
+
+def text_keys(texts: Sequence[str]) -> list[str]:
+    """sha256 of each text's UTF-8 bytes: how `stored_text_embeddings` finds a text's vector."""
+    return [hashlib.sha256(str(text).encode()).hexdigest() for text in texts]
+
+
+def stored_text_embeddings(cache_dir: str | Path, encoder: torch.nn.Module, texts: Sequence[str], max_length: int) -> torch.Tensor | None:
+    """The cached vectors of `texts` (in their order), from any file written for these exact encoder
+    weights and max_length; None when the cache lacks any of them (the caller then encodes them all).
+
+    All or nothing on purpose: a caller that encodes computes every row in its own batches, so its
+    outputs do not depend on what happened to be cached.
+
+    Args:
+        cache_dir: the cache folder (`embedding_cache_dir`); missing = nothing cached.
+        encoder: the encoder the vectors must come from (compared by the sha256 of its weights).
+        texts: the texts, one per row.
+        max_length: tokens kept per text.
+
+    Returns:
+        (len(texts), d) float32, or None.
+    """
+    folder = Path(cache_dir)
+    if not texts or not folder.is_dir():
+        return None
+    wanted = text_keys(texts)
+    needed, found = set(wanted), {}
+    weights = None
+    for path in sorted(folder.glob("text-*.pt")):
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if "text_keys" not in stored or stored.get("max_length") != int(max_length):
+            continue
+        weights = weights or module_sha256(encoder)
+        if stored.get("encoder_sha256") != weights:
+            continue
+        for row, key in enumerate(stored["text_keys"]):
+            if key in needed and key not in found:
+                found[key] = stored["embeddings"][row]
+        if len(found) == len(needed):
+            return torch.stack([found[key] for key in wanted]).float()
+    return None

@@ -98,6 +98,25 @@ def _photos(directory: Path, n: int = 5) -> list[Path]:
     return paths
 
 
+def test_extraction_runs_channels_last_and_leaves_the_backbone_as_it_was(tmp_path: Path) -> None:
+    """extract() converts the backbone to the channels-last layout for speed: afterwards its weights
+    are back in the default layout, unchanged, and still usable for training (not inference tensors)."""
+    model = models.build_image_classifier(image_section(backbone="efficientnet_lite0", weights="packaged"), n_classes=3)
+    preprocessor = models.build_image_preprocessor(image_section(backbone="efficientnet_lite0", input_size=32), None)
+    paths = _photos(tmp_path / "photos")
+    before = image_features.module_sha256(model.backbone)
+    features = image_features.extract(model.backbone, preprocessor, paths, progress=False)
+    with torch.inference_mode():
+        direct = model.backbone(torch.stack([preprocessor(Image.open(p).convert("RGB")) for p in paths]))
+    assert features.is_contiguous() and torch.allclose(features, direct, atol=1e-5)
+    assert image_features.module_sha256(model.backbone) == before
+    weights = [p for p in model.backbone.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous() and not p.is_inference() for p in weights)
+    model.train().requires_grad_(True)
+    model(torch.rand(2, 3, 32, 32)).sum().backward()  # would raise on inference-tensor weights
+    assert all(p.grad is not None for p in weights)
+
+
 def test_feature_cache_is_reused_and_invalidated_by_photo_weights_and_preprocessing(tmp_path: Path) -> None:
     model = models.build_image_classifier(image_section(backbone="efficientnet_lite0", weights="packaged"), n_classes=3)
     model.freeze_backbone()

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -143,6 +144,44 @@ def test_text_classifier_with_frozen_encoder_caches_embeddings(
     assert len(again.history) == 1
 
 
+def _refuse_encoding(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("the texts were encoded: the cached vectors should have been read")
+
+
+def test_predictions_read_the_text_vectors_the_training_cached(clean_dir: Path, towers: dict[str, training.TrainResult], tmp_path: Path) -> None:
+    """evaluate and index pass `text_cache_dir`: the text model's outputs then come from the vectors the
+    training stored (no encoder pass), equal to encoding up to float rounding; a split the cache lacks
+    (test: training caches train and val) or another encoder's weights: nothing is read, the texts are encoded."""
+    from pipeline_steps import inference
+
+    cache = Path(towers["text"].config["params"]["checkpoints_dir"]) / "embedding_cache"
+    classifier = inference.load_classifier(towers["text"].model_dir)
+    direct = inference.predict_split(classifier, clean_dir, "val", progress=False)
+    original_forward = classifier.module.encoder.forward
+    classifier.module.encoder.forward = _refuse_encoding
+    try:
+        cached = inference.predict_split(classifier, clean_dir, "val", progress=False, text_cache_dir=cache)
+    finally:
+        classifier.module.encoder.forward = original_forward
+    assert cached.ids.equals(direct.ids)
+    np.testing.assert_allclose(cached.embeddings, direct.embeddings, atol=1e-4)
+    np.testing.assert_allclose(cached.proba, direct.proba, atol=1e-5)
+    data = ds.load_clean(clean_dir)
+    test_texts = data.products_of("test")["text"].tolist()
+    assert text_embedding_cache.stored_text_embeddings(cache, classifier.module.encoder, test_texts, classifier.max_length) is None
+    np.testing.assert_array_equal(
+        inference.predict_split(classifier, clean_dir, "test", progress=False, text_cache_dir=cache).proba,
+        inference.predict_split(classifier, clean_dir, "test", progress=False).proba,
+    )
+    val_texts = data.products_of("val")["text"].tolist()
+    assert text_embedding_cache.stored_text_embeddings(cache, classifier.module.encoder, val_texts, classifier.max_length) is not None
+    assert text_embedding_cache.stored_text_embeddings(cache, classifier.module.encoder, val_texts, classifier.max_length + 1) is None
+    other = copy.deepcopy(classifier.module.encoder)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    assert text_embedding_cache.stored_text_embeddings(cache, other, val_texts, classifier.max_length) is None
+
+
 def test_text_classifier_fine_tunes_the_encoder(clean_dir: Path, tmp_path: Path) -> None:
     params = tiny_params(tmp_path)
     params["text"].update({"fine_tune": True, "epochs": 1, "max_length": 16})
@@ -165,6 +204,16 @@ def test_multimodal_classifier_from_the_trained_towers(clean_dir: Path, towers: 
     fused_state = torch.load(tmp_path / "multimodal" / "model.pt", weights_only=True)
     assert torch.equal(fused_state["image_tower.embedding.weight"], image_state["embedding.weight"])  # initialised from the tower
     assert result.config["towers"]["sha256"]["image_model"]
+    # its text tower's encoder is the text model's frozen one: the index and evaluate path reads the cached vectors
+    from pipeline_steps import inference
+
+    classifier = inference.load_classifier(tmp_path / "multimodal")
+    cache = tmp_path / "checkpoints" / "embedding_cache"
+    direct = inference.predict_split(classifier, clean_dir, "val", progress=False)
+    classifier.module.text_tower.encoder.forward = _refuse_encoding
+    cached = inference.predict_split(classifier, clean_dir, "val", progress=False, feature_cache_dir=tmp_path / "no-features", text_cache_dir=cache)
+    np.testing.assert_allclose(cached.embeddings, direct.embeddings, atol=1e-4)
+    np.testing.assert_allclose(cached.proba, direct.proba, atol=1e-5)
 
 
 def test_multimodal_can_fine_tune_the_towers_end_to_end(clean_dir: Path, towers: dict[str, training.TrainResult], tmp_path: Path) -> None:
