@@ -41,7 +41,7 @@ from pipeline_steps import datasets as ds  # noqa: E402
 from pipeline_steps import image_features, models, recipe_image  # noqa: E402
 from pipeline_steps.config import load_params, resolve_path  # noqa: E402
 
-SECTION = "Feature extraction: channels-last layout"
+SECTION = "## Feature extraction: channels-last layout"
 BATCH = 32  # extract()'s batch size in the pipeline (image_features.backbone_features' default)
 
 
@@ -72,7 +72,8 @@ def cached_part(image_params: dict) -> tuple[torch.nn.Module, str]:
     if mode == "tail":
         model.split_backbone(int(image_params["tail_blocks"]))
     module, split = image_features._cached_part(model.backbone)
-    return module, (f"{image_params['backbone']} prefix (all but the last {image_params['tail_blocks']} blocks)" if split else image_params["backbone"])
+    tail = int(image_params["tail_blocks"])
+    return module, (f"{image_params['backbone']} prefix (all but its last {tail} block{'s' if tail != 1 else ''})" if split else image_params["backbone"])
 
 
 def main() -> int:
@@ -134,6 +135,8 @@ def render(result: dict, args: argparse.Namespace) -> str:
     rate = result["photos_per_second_median"]
     seconds_per_photo = {layout: 1 / value for layout, value in rate.items()}
     return "\n".join([
+        SECTION,
+        "",
         f"{command}: {result['module']} at {result['input_size']} px, the first {result['photos']} photos of the clean sample, "
         f"batches of {BATCH}, {result['threads']} torch threads, {result['rounds']} alternating rounds per layout (median); "
         f"load average at start {result['load_average_at_start']:.1f}, run started {result['started']}.",
@@ -146,6 +149,7 @@ def render(result: dict, args: argparse.Namespace) -> str:
         f"Speed-up ×{result['speed_up']:.2f}. The outputs differ by float rounding only: at most {result['max_abs_difference']:.1e} "
         f"(values up to {result['max_abs_value']:.1f}); {100 * result['float16_equal_share']:.1f}% of them are equal once stored as "
         "float16 (the feature cache's dtype for a prefix's maps).",
+        "",
     ])
 
 
