@@ -89,6 +89,15 @@ class TextRecipe(Recipe):
             )
             for s, frame in self.splits.items()
         }
+        # the test split's texts are encoded and stored too (their vectors only: no label is read, nothing
+        # trains on them), as train_image stores every split's photos: the evaluate and index stages then
+        # read every text's vector back (text_embedding_cache.stored_text_embeddings) instead of encoding
+        test_texts = data.products_of("test")["text"].tolist()
+        if test_texts:
+            cached_text_embeddings(
+                embedding_cache_dir(self.params), identity, self.model.encoder, self.tokenizer, test_texts,
+                self.max_length, settings.device, self.progress,
+            )
         sparse = {s: self.featurizer.transform(frame["text"].tolist()) if self.featurizer else None for s, frame in self.splits.items()}
         train_set, val_set = (
             ds.TensorDictDataset({"embedding": vectors[s]}, self.splits[s]["label"].tolist(), sparse=sparse[s]) for s in ("train", "val")

@@ -132,7 +132,7 @@ def test_text_classifier_with_frozen_encoder_caches_embeddings(
     assert _model_files(result.model_dir) == {"config.json", "model.pt", "history.json", "encoder"}
     assert result.config["embedding_dim"] == 384 and result.config["architecture"]["fine_tuned"] is False
     checkpoints = Path(result.config["params"]["checkpoints_dir"])
-    assert len(list((checkpoints / "embedding_cache").glob("text-*.pt"))) == 2  # train and val
+    assert len(list((checkpoints / "embedding_cache").glob("text-*.pt"))) == 3  # train and val, and test for evaluate/index
 
     def no_encoding(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the cached embeddings should have been reused")
@@ -150,8 +150,8 @@ def _refuse_encoding(*args: Any, **kwargs: Any) -> None:
 
 def test_predictions_read_the_text_vectors_the_training_cached(clean_dir: Path, towers: dict[str, training.TrainResult], tmp_path: Path) -> None:
     """evaluate and index pass `text_cache_dir`: the text model's outputs then come from the vectors the
-    training stored (no encoder pass), equal to encoding up to float rounding; a split the cache lacks
-    (test: training caches train and val) or another encoder's weights: nothing is read, the texts are encoded."""
+    training stored (no encoder pass), equal to encoding up to float rounding; texts the cache lacks
+    (all or nothing), another max_length or another encoder's weights: nothing is read, the texts are encoded."""
     from pipeline_steps import inference
 
     cache = Path(towers["text"].config["params"]["checkpoints_dir"]) / "embedding_cache"
@@ -161,19 +161,17 @@ def test_predictions_read_the_text_vectors_the_training_cached(clean_dir: Path, 
     classifier.module.encoder.forward = _refuse_encoding
     try:
         cached = inference.predict_split(classifier, clean_dir, "val", progress=False, text_cache_dir=cache)
+        every = inference.predict_split(classifier, clean_dir, None, progress=False, text_cache_dir=cache)  # what the index reads
     finally:
         classifier.module.encoder.forward = original_forward
     assert cached.ids.equals(direct.ids)
     np.testing.assert_allclose(cached.embeddings, direct.embeddings, atol=1e-4)
     np.testing.assert_allclose(cached.proba, direct.proba, atol=1e-5)
+    np.testing.assert_allclose(every.proba, inference.predict_split(classifier, clean_dir, None, progress=False).proba, atol=1e-5)
     data = ds.load_clean(clean_dir)
-    test_texts = data.products_of("test")["text"].tolist()
-    assert text_embedding_cache.stored_text_embeddings(cache, classifier.module.encoder, test_texts, classifier.max_length) is None
-    np.testing.assert_array_equal(
-        inference.predict_split(classifier, clean_dir, "test", progress=False, text_cache_dir=cache).proba,
-        inference.predict_split(classifier, clean_dir, "test", progress=False).proba,
-    )
     val_texts = data.products_of("val")["text"].tolist()
+    unseen = ["a text no split holds", *val_texts]
+    assert text_embedding_cache.stored_text_embeddings(cache, classifier.module.encoder, unseen, classifier.max_length) is None
     assert text_embedding_cache.stored_text_embeddings(cache, classifier.module.encoder, val_texts, classifier.max_length) is not None
     assert text_embedding_cache.stored_text_embeddings(cache, classifier.module.encoder, val_texts, classifier.max_length + 1) is None
     other = copy.deepcopy(classifier.module.encoder)
