@@ -88,7 +88,14 @@ def require_api(api_url: str, timeout: float = 3.0) -> None:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now.
+
+    With SO_REUSEADDR, as uvicorn binds: the connections of a server stopped a moment ago
+    (TIME_WAIT) do not count, a socket listening there does. Without it, a `make repro` right
+    after `make demo` moved to the next port although 4200 was free.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
@@ -213,7 +220,7 @@ def _wait_healthy(process: subprocess.Popen, port: int, env: Mapping[str, str], 
         # then fails to bind (seen with two `make demo`s on one machine).
         if api_is_healthy(api_url, timeout=5.0) and session_listens_on(process.pid, port):
             return process
-        time.sleep(0.5)
+        time.sleep(0.2)  # every stage waits for this: look often (a refused connection costs nothing)
     raise PrefectApiError(
         f"the Prefect server on port {port} was not healthy after {startup_timeout:.0f} s (log: {log_path}); "
         f"on a very busy machine allow it longer with {START_TIMEOUT_ENV}=<seconds>"

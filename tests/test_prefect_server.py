@@ -320,6 +320,22 @@ def test_sigterm_to_dvc_repro_stops_its_stage_and_the_next_repro_finishes(tmp_pa
     assert (project / "out" / "Products.csv").is_file()
 
 
+def test_a_port_whose_server_just_stopped_is_free_again() -> None:
+    """Its closed connections (TIME_WAIT) do not keep the next run off the port, as they don't keep uvicorn off it."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+        client.close()
+    time.sleep(0.1)
+    assert prefect_server.port_is_free(port)
+    assert prefect_server.choose_port(port) == port
+
+
 @pytest.mark.integration
 def test_a_port_held_by_another_session_is_not_taken_for_our_server() -> None:
     """The health probe can be answered by someone else's server on the same port: ownership is checked."""

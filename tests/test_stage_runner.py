@@ -143,3 +143,37 @@ def test_a_nested_wrapper_uses_the_outer_runner(tmp_path: Path) -> None:
     seen = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("OUTER", "INNER")))
     assert seen["OUTER"].endswith("runner.sock") and seen["INNER"] == seen["OUTER"]
     assert proc.stderr.count("stage runner ready") == 1
+
+
+def test_sigterm_ends_an_idle_runner_at_once(tmp_path: Path) -> None:
+    """The signal wakes the runner's wait: it does not sit out the wait's timeout first."""
+    sock = tmp_path / "runner.sock"
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from flows import stage_runner
+        stage_runner.IDLE_WAIT_S = 60.0
+        stage_runner.exit_now(stage_runner.serve(Path({str(sock)!r}), modules=()))
+    """)
+    runner = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert runner.stderr is not None and stage_runner.READY_LINE in runner.stderr.readline()
+        runner.terminate()
+        assert runner.wait(timeout=20) == 0
+    finally:
+        runner.kill()
+    assert not sock.exists()
+
+
+def test_the_runner_leaves_without_the_libraries_teardown(tmp_path: Path) -> None:
+    """exit_now: output flushed, exit code kept, no atexit/finalisation work (2.5-3 s with torch loaded)."""
+    script = textwrap.dedent("""
+        import atexit, sys
+        from flows import stage_runner
+        atexit.register(lambda: print("teardown ran", flush=True))
+        print("buffered", end="")
+        sys.stderr.write("to stderr")
+        stage_runner.exit_now(3)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "buffered" and proc.stderr == "to stderr"
