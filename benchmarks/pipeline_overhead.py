@@ -291,7 +291,7 @@ def main() -> None:
             _take_priority(int(server_env[prefect_server.SERVER_PID_ENV]))
         if args.priority and prefect_server.RUNNER_PID_ENV in server_env:
             _take_priority(int(server_env[prefect_server.RUNNER_PID_ENV]))  # the stages run in its forks
-        run_env = {**env, **{k: v for k, v in server_env.items() if k.startswith(("PREFECT", "MARKETPLACE_STAGE_RUNNER"))}}
+        run_env = {**env, **server_env}  # what `make demo`'s commands get from the wrapper
         report["stage_runner"] = "MARKETPLACE_STAGE_RUNNER" in run_env and run_env["MARKETPLACE_STAGE_RUNNER"] != "off"
         if not args.skip_sample:
             shutil.rmtree(ROOT / "data" / "raw", ignore_errors=True)  # generated as on a fresh clone

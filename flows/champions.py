@@ -48,7 +48,7 @@ def fetch_champion_task(kind: str, settings: dict[str, Any]) -> tuple[str, str, 
 
     with atomic_dir(target) as tmp:
         downloaded = registry.download_champion(name, registry_params["champion_alias"], tmp / "download", client=client)
-        shutil.copytree(find_model_dir(downloaded), tmp / "model")
-        shutil.rmtree(tmp / "download")
+        shutil.move(find_model_dir(downloaded), tmp / "model")  # a rename: the download is ours
+        shutil.rmtree(tmp / "download", ignore_errors=True)
         write_text(tmp / "registered_version.txt", f"{name}:{version}\n")
     return str(target / "model"), name, version

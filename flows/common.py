@@ -9,6 +9,7 @@ the same code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -211,6 +212,26 @@ def check_prefect_api() -> None:
         require_api(api_url)
 
 
+def flow_run_settings() -> contextlib.AbstractContextManager[Any]:
+    """The Prefect settings this process's flow runs get.
+
+    Under the per-run server that flows.prefect_server starts (it exports
+    MARKETPLACE_PREFECT_SERVER_PID), flow-run heartbeats are off. They feed the detection of
+    crashed runs, an automation served by the server's triggers service, which that server
+    runs without (prefect_server.IDLE_SERVICES_OFF); and every run paid 0.6-0.8 s at its end
+    while Prefect joined the heartbeat thread out of its one-second sleep
+    (flow_engine._send_heartbeats), 11 times per `make demo`. Against a server of the user's
+    own (PREFECT_API_URL), Prefect's default stands.
+    """
+    from flows.prefect_server import SERVER_PID_ENV
+
+    if not os.environ.get(SERVER_PID_ENV):
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
 def run_cli(flow_fn: Callable[..., Any], parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> Any:
     """Parse arguments and call the flow, turning user errors into a one-line message.
 
@@ -233,7 +254,7 @@ def run_cli(flow_fn: Callable[..., Any], parser: argparse.ArgumentParser, argv: 
         flow_fn = flow_fn.with_options(flow_run_name=stage.replace("{", "(").replace("}", ")"))
     try:
         check_prefect_api()
-        with quiet_project_tracebacks():
+        with quiet_project_tracebacks(), flow_run_settings():
             return flow_fn(**args)
     except PipelineError as error:
         if debug_enabled():

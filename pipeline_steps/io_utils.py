@@ -78,6 +78,28 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 TMP_SUFFIX = ".tmp"
 
 
+def link_or_copy(src: str, dst: str) -> str:
+    """`shutil.copytree`'s copy_function: a hard link where the filesystem allows one, else a copy.
+
+    For trees written once and never edited in place (model files the serving bundle and
+    the BentoML store repeat): no second copy of 200+ MB on disk, and DVC, which keys the
+    hashes it has computed by inode, does not hash the same bytes again (BENCHMARKS.md,
+    "Orchestration overhead"). Across filesystems, or where links are refused, it copies.
+
+    Args:
+        src: the file to repeat.
+        dst: where it appears.
+
+    Returns:
+        dst, as copytree expects.
+    """
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
 def sweep_stale(target: str | Path) -> list[Path]:
     """Remove what a killed writer of `target` left beside it; return what was removed.
 

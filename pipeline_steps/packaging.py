@@ -31,7 +31,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline_steps.errors import PipelineError
-from pipeline_steps.io_utils import atomic_dir, read_json, write_json
+from pipeline_steps.io_utils import atomic_dir, link_or_copy, read_json, write_json
 from pipeline_steps.index_meta import META_FILE, model_mismatch
 from pipeline_steps.model_kinds import INDEX_KINDS, SERVED_KINDS as MODEL_KINDS
 from pipeline_steps.runtime_env import OFFLINE_ENV
@@ -78,10 +78,11 @@ def assemble_bundle(
     listings = _read_listings(clean_dir)
 
     with atomic_dir(out_dir) as tmp:
+        # linked, not copied, where the filesystem allows: these files are never edited in place
         for kind, (model_dir, _name, _version) in model_dirs.items():
-            shutil.copytree(Path(model_dir), tmp / "models" / kind)
+            shutil.copytree(Path(model_dir), tmp / "models" / kind, copy_function=link_or_copy)
         for kind, index_dir in index_dirs.items():
-            shutil.copytree(Path(index_dir), tmp / "index" / kind)
+            shutil.copytree(Path(index_dir), tmp / "index" / kind, copy_function=link_or_copy)
 
         listings.to_parquet(tmp / "listings.parquet", index=False)
         thumbs = _write_thumbnails(listings, clean_dir, tmp / "thumbnails", thumbnail_size)
@@ -268,7 +269,7 @@ def save_bundle_to_bentoml(
     if metadata:
         meta.update(json.loads(json.dumps(dict(metadata), default=str)))
     with bentoml.models.create(name, labels=bundle_labels(info), metadata=meta) as model:
-        shutil.copytree(bundle_dir, model.path, dirs_exist_ok=True)
+        shutil.copytree(bundle_dir, model.path, dirs_exist_ok=True, copy_function=link_or_copy)
     tag = str(model.tag)
     logger.info("saved bundle %s as BentoML model %s", bundle_dir, tag)
     return tag

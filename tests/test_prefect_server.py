@@ -377,3 +377,20 @@ def test_two_wrappers_asking_for_one_port_each_get_their_own_server(tmp_path: Pa
         assert wrapper.returncode == 0, err[-3000:]
     urls = [line.split()[1] for out, _ in outputs for line in out.splitlines() if line.startswith("API ")]
     assert len(urls) == 2 and len(set(urls)) == 2, (urls, [err[-1500:] for _, err in outputs])
+
+
+def test_flow_runs_under_the_per_run_server_send_no_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing on that server reads them, and joining their thread cost every run ~0.7 s; a user's own server keeps them."""
+    from prefect.settings import get_current_settings
+
+    from flows.common import flow_run_settings
+
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None
+    monkeypatch.setenv(prefect_server.SERVER_PID_ENV, "12345")
+    with flow_run_settings():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == default
+    monkeypatch.delenv(prefect_server.SERVER_PID_ENV)
+    with flow_run_settings():
+        assert get_current_settings().flows.heartbeat_frequency == default

@@ -182,6 +182,38 @@ def test_assemble_bundle_refuses_an_index_of_another_model_version(bundle_dir, t
     assert not (tmp_path / "bundle").exists()
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("links", [True, False], ids=["links", "no-links"])
+def test_the_bundle_links_model_and_index_files_where_it_can(bundle_dir, tmp_path, monkeypatch, links) -> None:
+    """Same bytes either way; shared inodes (no second copy, nothing for DVC to hash again) when links work."""
+    import os
+
+    from pipeline_steps.packaging import assemble_bundle
+
+    if not links:
+        def refuse(src, dst):  # noqa: ANN001, ANN202 - a filesystem without hard links
+            raise OSError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "link", refuse)
+    # the sources: a model and its index outside the bundle, as the index stage leaves them
+    sources = tmp_path / "sources"
+    shutil.copytree(bundle_dir / "models" / "text", sources / "model")
+    shutil.copytree(bundle_dir / "index" / "text", sources / "index")
+    model = json.loads((bundle_dir / "bundle.json").read_text())["models"]["text"]
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    shutil.copy(bundle_dir / "listings.parquet", clean / "listings.parquet")
+
+    out = assemble_bundle(tmp_path / "bundle", {"text": (sources / "model", model["name"], model["version"])},
+                          {"text": sources / "index"}, clean)
+
+    pairs = [(src, out / "models" / "text" / src.relative_to(sources / "model")) for src in (sources / "model").rglob("*") if src.is_file()]
+    pairs += [(src, out / "index" / "text" / src.relative_to(sources / "index")) for src in (sources / "index").rglob("*") if src.is_file()]
+    assert pairs
+    for src, dst in pairs:
+        assert dst.read_bytes() == src.read_bytes()
+        assert os.path.samefile(src, dst) is links, dst
+
+
 @pytest.fixture()
 def mismatched_bundle(bundle_dir, tmp_path) -> Path:
     bad = tmp_path / "bad_bundle"
