@@ -145,6 +145,7 @@ def test_a_nested_wrapper_uses_the_outer_runner(tmp_path: Path) -> None:
     assert proc.stderr.count("stage runner ready") == 1
 
 
+@pytest.mark.integration
 def test_sigterm_ends_an_idle_runner_at_once(tmp_path: Path) -> None:
     """The signal wakes the runner's wait: it does not sit out the wait's timeout first."""
     sock = tmp_path / "runner.sock"
@@ -164,6 +165,7 @@ def test_sigterm_ends_an_idle_runner_at_once(tmp_path: Path) -> None:
     assert not sock.exists()
 
 
+@pytest.mark.integration
 def test_the_runner_leaves_without_the_libraries_teardown(tmp_path: Path) -> None:
     """exit_now: output flushed, exit code kept, no atexit/finalisation work (2.5-3 s with torch loaded)."""
     script = textwrap.dedent("""
