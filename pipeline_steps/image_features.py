@@ -115,7 +115,7 @@ def extract(
     """Pooled backbone features (or a prefix's maps) float32 on CPU, in input order (eval mode, batched).
 
     The convolutions run in the channels-last layout (`channels_last`): on two CPU cores the
-    EfficientNet-Lite2 prefix extracts ~25% more photos per second that way (BENCHMARKS.md). The
+    EfficientNet-Lite2 prefix extracted 1.47x the photos per second that way (BENCHMARKS.md). The
     values are those of the default layout up to float rounding; the module is back in its own
     layout afterwards.
     """
