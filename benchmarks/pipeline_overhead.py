@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -205,9 +206,8 @@ def repeats_table(runs: list[dict]) -> list[str]:
             f" | {run['prefect_server_start_s']:.1f} | {run['flows_work_s']:.0f} | {run['overhead_s']:.1f}"
             f" | **{run['overhead_share']:.1%}** | {run['pipeline_wall_s'] / 60:.1f} min |"
         )
-    shares = sorted(run["overhead_share"] for run in runs)
-    middle = (shares[(len(shares) - 1) // 2] + shares[len(shares) // 2]) / 2
-    lines += ["", f"Overhead share: median {middle:.1%}, range {shares[0]:.1%}–{shares[-1]:.1%}."]
+    shares = [run["overhead_share"] for run in runs]
+    lines += ["", f"Overhead share: median {statistics.median(shares):.1%}, range {min(shares):.1%}–{max(shares):.1%}."]
     return lines
 
 
