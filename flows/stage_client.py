@@ -88,7 +88,10 @@ def hand_over_if_served() -> None:
               f"run again, or with {RUNNER_ENV}=off", file=sys.stderr)
         sys.exit(70)
     if "pid" not in reply:
-        _note(f"stage runner refused: {reply.get('refused', 'no answer')}; running the stage in this process")
+        # Said every time, not only with MARKETPLACE_DEBUG: the stage now pays for its own imports
+        # (seconds each), and the reason names what to change (e.g. a variable set for one stage).
+        print(f"stage-client: the stage runner refused this stage ({reply.get('refused', 'no answer')});"
+              " running it in this process", file=sys.stderr)
         sock.close()
         return
     sys.exit(_wait_for_stage(sock, int(reply["pid"])))

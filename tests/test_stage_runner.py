@@ -80,7 +80,7 @@ SCRIPT = textwrap.dedent("""
     stage() {{ {python} -m flows.generate_sample "$@"; }}
     stage --set sample.n_products=60 --out {work}/handed; echo "handed $?" >> {work}/codes
     stage --set sample.n_prodcts=60 --out {work}/typo 2> {work}/typo.err; echo "typo $?" >> {work}/codes
-    HF_HUB_VERBOSITY=debug stage --set sample.n_products=60 --out {work}/refused; echo "refused $?" >> {work}/codes
+    HF_HUB_VERBOSITY=debug stage --set sample.n_products=60 --out {work}/refused 2> {work}/refused.err; echo "refused $?" >> {work}/codes
     {python} -m flows.generate_sample --set sample.n_products=4000 --out {work}/stopped & client=$!
     for i in $(seq 600); do grep -q "n_products=4000 --out {work}/stopped started" "$runner_log" && break; sleep 0.5; done
     sleep 4
@@ -116,6 +116,8 @@ def test_stages_handed_to_the_runner_behave_like_their_own_process(tmp_path: Pat
     # another value of a variable libraries read at import: refused, run in its own process
     assert codes["refused"] == "0"
     assert "refused flows.generate_sample: environment differs in HF_HUB_VERBOSITY" in log
+    # ... and the stage says so itself: it now pays for its own imports, and the reason says why
+    assert "stage runner refused this stage (environment differs in HF_HUB_VERBOSITY)" in (work / "refused.err").read_text()
     assert (work / "refused" / "Products.csv").is_file()
     # SIGTERM to the process dvc started stops the stage the runner runs for it
     assert codes["stopped"] in ("130", "143"), codes
