@@ -1,12 +1,12 @@
 #!/bin/bash
 # Issue 8's check by hand: `make demo` on 3 fresh clones in a row, each with two CPU hogs beside it
 # (both cores busy), nothing exported (env -i). One line per run goes to the summary file.
-#   benchmarks/fresh_clone_busy.sh [repo] [summary file]
+#   [RUNS=3] benchmarks/fresh_clone_busy.sh [repo] [summary file]
 # (tests/test_fresh_clone.py runs the first stages the same way in `make test`.)
 REPO=${1:-$(git rev-parse --show-toplevel)}
 SUMMARY=${2:-/tmp/fresh_clone_busy.txt}
 REV=$(git -C "$REPO" rev-parse --short HEAD)
-for i in 1 2 3; do
+for i in $(seq "${RUNS:-3}"); do
   d=/tmp/fresh_busy_$i; rm -rf "$d"
   git clone -q "$REPO" "$d"
   python3 -c 'while True: pass' & H1=$!
