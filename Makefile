@@ -16,10 +16,10 @@ MLFLOW_PORT ?= 5000
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
-# Everything keeps its state inside the project. The offline switches and Prefect's settings
-# are applied by the Python entry points themselves, before Prefect/MLflow/BentoML are
-# imported (pipeline_steps/runtime_env.py), so `dvc repro` or a flow run by hand gets them too.
-export BENTOML_HOME := $(CURDIR)/bentoml_home
+# Everything keeps its state inside the project. The offline switches, Prefect's settings and
+# BentoML's store (BENTOML_HOME=bentoml_home) are applied by the Python entry points themselves,
+# before Prefect/MLflow/BentoML are imported (pipeline_steps/runtime_env.py), so `dvc repro` or a
+# flow run by hand gets them too; WITH_ENV gives them to the other programs (bentoml serve, ...).
 export DVC_NO_ANALYTICS := 1
 # Stages to run (default: all); e.g. `make demo TARGETS=clean` stops after the clean stage.
 TARGETS ?=

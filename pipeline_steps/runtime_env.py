@@ -45,9 +45,17 @@ PREFECT_ENV: dict[str, str] = {
 }
 
 
+#: BentoML's store, inside the project: the package stage builds the Bento there and `make serve`
+#: serves it from there, whether the stage ran under `make demo` or in a `dvc repro` typed by hand
+#: (BentoML's own default, ~/bentoml, left the two looking in different stores).
+BENTOML_ENV: dict[str, str] = {
+    "BENTOML_HOME": str(PROJECT_ROOT / "bentoml_home"),
+}
+
+
 def runtime_env() -> dict[str, str]:
-    """Every default of the project's processes (offline switches + Prefect), as a new dict."""
-    return {**OFFLINE_ENV, **PREFECT_ENV}
+    """Every default of the project's processes (offline switches, Prefect, BentoML's store), as a new dict."""
+    return {**OFFLINE_ENV, **PREFECT_ENV, **BENTOML_ENV}
 
 
 def apply(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:

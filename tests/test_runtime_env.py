@@ -102,6 +102,16 @@ def test_importing_pipeline_steps_changes_no_environment() -> None:
     assert out.splitlines()[-1] == "[]"
 
 
+def test_a_stage_run_by_hand_builds_into_the_store_make_serve_reads() -> None:
+    """`dvc repro` typed by hand (no Makefile around it) uses the project's BentoML store too."""
+    out = _python(
+        "import flows.package\n"
+        "from bentoml._internal.configuration.containers import BentoMLContainer\n"
+        "print(BentoMLContainer.bentoml_home.get())"
+    )
+    assert Path(out.splitlines()[-1]) == ROOT / "bentoml_home"
+
+
 def test_test_session_runs_with_the_settings() -> None:
     """conftest.py applies them before any test module imports Prefect."""
     from prefect.settings import get_current_settings
