@@ -142,7 +142,7 @@ def _registry_lock(name: str, tracking_uri: str, timeout_s: float, lease_s: floa
             )
             break
         except MlflowException as exc:
-            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc).lower():
+            if not lock_is_taken(exc):
                 raise
         _break_if_stale(client, lock_name)
         if time.monotonic() >= deadline:
@@ -160,6 +160,18 @@ def _registry_lock(name: str, tracking_uri: str, timeout_s: float, lease_s: floa
                 logger.warning("promotion lock %s was broken while held by %s", lock_name, holder)
         except MlflowException:
             logger.warning("promotion lock %s vanished while held by %s", lock_name, holder)
+
+
+def lock_is_taken(error: Exception) -> bool:
+    """Whether creating the lock entry failed because another holder has it (or had it a moment ago).
+
+    The plain answer is RESOURCE_ALREADY_EXISTS. But MLflow's SQL store, on the unique-name
+    violation, reads the existing model back to word its message; when the holder deletes its
+    entry in between (it just released the lock), that read fails with RESOURCE_DOES_NOT_EXIST
+    (seen with two concurrent registers on PostgreSQL). Either way the lock was taken: try again.
+    """
+    code = str(getattr(error, "error_code", ""))
+    return "RESOURCE_ALREADY_EXISTS" in code or "RESOURCE_DOES_NOT_EXIST" in code or "already exists" in str(error).lower()
 
 
 def _break_if_stale(client: Any, lock_name: str) -> None:
