@@ -140,6 +140,7 @@ FRESH_INTERPRETER_IMPORT_CHECKS = {
     ("test_runtime_env.py", "test_user_exported_values_win"),
     ("test_runtime_env.py", "test_service_package_switches_bentoml_tracking_off_before_bentoml_is_imported"),
     ("test_runtime_env.py", "test_importing_pipeline_steps_changes_no_environment"),
+    ("test_runtime_env.py", "test_a_stage_run_by_hand_builds_into_the_store_make_serve_reads"),
 }
 
 
