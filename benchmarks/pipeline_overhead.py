@@ -44,7 +44,7 @@ from markdown_report import replace_section  # noqa: E402
 
 SECTION_HEADING = "## Orchestration overhead (the demo pipeline)"
 COMMAND = ("for i in 1 2 3 4; do .venv/bin/python benchmarks/pipeline_overhead.py --priority --cold "
-           "--out benchmarks/results/pipeline_overhead_cold_$i.json; done; "
+           "--out benchmarks/results/pipeline_overhead_cold_$i.json; sleep 90; done; "
            ".venv/bin/python benchmarks/pipeline_overhead.py --render benchmarks/results/pipeline_overhead_cold_[1234].json "
            "--update-markdown BENCHMARKS.md")
 # What a fresh clone lacks and a re-run reuses (params.yaml keys; the caches are rebuilt by the stages).
