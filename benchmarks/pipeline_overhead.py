@@ -86,7 +86,7 @@ def run_timed(cmd: list[str], env: dict[str, str], label: str | None = None) -> 
 
 
 def make_environment(env: dict[str, str]) -> dict[str, str]:
-    """The environment the Makefile gives its commands (`export BENTOML_HOME ...`), as make computes it.
+    """The environment the Makefile gives its commands (its `export`s: PATH, VIRTUAL_ENV, ...), as make computes it.
 
     `make demo` starts the Prefect wrapper, and with it the stage runner, in this environment; the
     runner refuses a stage whose import-time variables differ from its own, so the benchmark's
