@@ -26,7 +26,7 @@ TARGETS ?=
 # Extra `dvc repro` flags, e.g. `make repro REPRO_FLAGS=--force` runs every stage again.
 REPRO_FLAGS ?=
 
-.PHONY: install demo repro sample pipeline deps test test-fast test-integration browser-deps prefect-server prefect-deploy mlflow-ui serve build metrics bench clean-outputs
+.PHONY: install demo repro sample pipeline test test-fast test-integration browser-deps prefect-server prefect-deploy mlflow-ui serve build metrics bench clean-outputs
 
 install: $(VENV)/.installed
 
@@ -68,11 +68,6 @@ test: install browser-deps
 	$(BIN)/pytest
 
 ## The tiers are pytest markers (docs/ARCHITECTURE.md, "Tests in tiers"): unit = no marker.
-## dvc.yaml's code deps = each stage's import closure (tools/stage_deps.py); tests/test_dvc_deps.py
-## fails when they drift: run this after adding, moving or renaming a module.
-deps: install
-	$(BIN)/python -m tools.stage_deps --write
-
 test-fast: install
 	$(BIN)/pytest -m "not integration and not browser and not realdata and not slow"
 

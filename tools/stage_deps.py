@@ -1,12 +1,12 @@
-"""The code each DVC stage runs, computed from its imports, and a check that dvc.yaml lists it.
+"""The code each DVC stage runs, computed from its imports, and the fingerprints dvc.yaml uses for it.
 
-`dvc repro` re-runs a stage only when one of its `deps` changed, so a stage whose `deps`
-miss a module it imports keeps a stale output after that module changed. Hand-kept lists
-drift (the index stage once missed inference.py, registry.py, mlflow_models.py and
+`dvc repro` re-runs a stage only when one of its `deps` changed, so a stage must depend on
+every module it can execute, or it keeps a stale output after that module changed. Hand-kept
+lists drift (the index stage once missed inference.py, registry.py, mlflow_models.py and
 flows/tracking.py), so the rule here is computed:
 
-    a stage's code deps = the project modules its command can execute, i.e. the import
-    closure of the module its `cmd` runs (`python -m flows.X`, or `python path/to/file.py`).
+    a stage's code = the project modules its command can execute, i.e. the import closure
+    of the module its `cmd` runs (`python -m flows.X`, or `python path/to/file.py`).
 
 The closure is found statically with `ast`, so nothing is imported (no torch, no Prefect):
 
@@ -22,34 +22,44 @@ The closure over-approximates on purpose: all four `flows.train` stages get the 
 every `--model`, because which branch a flag takes is not visible statically. A needless
 re-run costs time; a missing dep gives a stale model.
 
-Only `*.py` entries of a stage's `deps` are "code deps". Data deps (`${data.clean_dir}`, ...),
-other files (`bentofile.yaml`) and directories (`service`, which also covers every module
-under it) are left as they are.
+How dvc.yaml uses it: the `code` stage runs first and writes one *fingerprint* per entry
+module, `artifacts/code/<module>.txt`: the md5 and path of every file of its closure. Each
+stage depends on the fingerprint of the module it runs instead of listing its ~40 files:
 
-    .venv/bin/python -m tools.stage_deps            # check dvc.yaml; exit 1 naming what is missing/extra
-    .venv/bin/python -m tools.stage_deps --write    # rewrite the code deps of dvc.yaml from the closures
+- it re-runs exactly when a file of its closure changes (the fingerprint's content changes
+  then, and only then), as if it listed them;
+- a new, split or moved module needs no edit of dvc.yaml: the `code` stage depends on the
+  `flows` and `pipeline_steps` folders and recomputes the closures when anything there changes;
+- dvc.lock holds one hash per stage for its code instead of one per file. dvc reads and
+  rewrites dvc.lock with its pure-Python round-trip YAML loader after every stage, so its
+  size is paid ten times per `dvc repro` (421 hashes, 58 KB, ~0.5 s per stage before).
 
-`--write` keeps everything else of dvc.yaml (comments, order, params, outs, cmd) as it is
-(ruamel.yaml round-trip); the code deps follow the other deps, sorted. tests/test_dvc_deps.py
-fails whenever a stage's deps miss a module of its closure or list one it no longer runs, and
-says to run `--write`.
+    .venv/bin/python -m tools.stage_deps             # check dvc.yaml; exit 1 naming what is wrong
+    .venv/bin/python -m tools.stage_deps --fingerprints artifacts/code flows.validate ...
+                                                      # what the `code` stage runs
+
+tests/test_dvc_deps.py fails when a stage does not depend on the fingerprint of the module it
+runs, still lists `*.py` files itself, or the `code` stage misses a module or a folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import io
+import hashlib
+import os
 import shlex
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_FILE = "dvc.yaml"
-WRITE_COMMAND = ".venv/bin/python -m tools.stage_deps --write"
+#: The module the `code` stage runs, and the flag that makes it write fingerprints.
+TOOL_MODULE = "tools.stage_deps"
+FINGERPRINTS_FLAG = "--fingerprints"
 
 
 # --------------------------------------------------------------------------- modules and imports
@@ -153,6 +163,50 @@ def import_closure(entry_modules: Iterable[str], root: Path = ROOT) -> set[str]:
     return {path.relative_to(root).as_posix() for path in seen.values()}
 
 
+# --------------------------------------------------------------------------- fingerprints
+
+
+def file_md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def fingerprint_path(directory: str, module: str) -> str:
+    """Where the `code` stage writes a module's fingerprint (a repository-relative POSIX path)."""
+    return f"{directory.rstrip('/')}/{module}.txt"
+
+
+def fingerprint_text(module: str, root: Path = ROOT) -> str:
+    """The md5 and path of every file `module` can execute, sorted: changes iff one of them does."""
+    root = Path(root)
+    if module_file(module, root) is None:
+        raise ValueError(f"{module!r} is not a module of {root}")
+    lines = [
+        f"# The code `python -m {module}` can execute (its import closure, {TOOL_MODULE}).",
+        "# A stage that depends on this file re-runs when one of these files changes.",
+    ]
+    lines += [f"{file_md5(root / path)}  {path}" for path in sorted(import_closure([module], root))]
+    return "\n".join(lines) + "\n"
+
+
+def write_fingerprints(directory: Path, modules: Sequence[str], root: Path = ROOT) -> list[Path]:
+    """Write each module's fingerprint into `directory`, atomically; return the files written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for module in modules:
+        target = directory / f"{module}.txt"
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{module}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                stream.write(fingerprint_text(module, root))
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        written.append(target)
+    return written
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -174,133 +228,112 @@ def entry_modules(cmd: str | Sequence[str], root: Path = ROOT) -> list[str]:
 
 
 def _dep_name(dep: Any) -> str:
-    """A `deps` entry is a plain string (a mapping form `{path: {...}}` names it as its only key)."""
+    """A `deps`/`outs` entry is a plain string (a mapping form `{path: {...}}` names it as its only key)."""
     return next(iter(dep)) if isinstance(dep, Mapping) else str(dep)
 
 
 def is_code_dep(name: str) -> bool:
-    """A dep this tool owns: a Python file of the repository (not interpolated)."""
+    """A Python file of the repository listed as a dep (the fingerprints replace those)."""
     return name.endswith(".py") and "${" not in name
 
 
-def _covered(path: str, directories: Sequence[str]) -> bool:
-    return any(path.startswith(directory.rstrip("/") + "/") for directory in directories)
+def _covered(path: str, names: Iterable[str]) -> bool:
+    return any(path == name.rstrip("/") or path.startswith(name.rstrip("/") + "/") for name in names)
 
 
-@dataclass
-class StageDeps:
-    """What one stage runs and what dvc.yaml lists for it."""
-
-    name: str
-    closure: set[str]
-    listed: list[str]
-    directories: list[str] = field(default_factory=list)
-
-    @property
-    def wanted(self) -> list[str]:
-        """The code deps the stage should list: its closure less what a listed directory covers."""
-        return sorted(path for path in self.closure if not _covered(path, self.directories))
-
-    @property
-    def missing(self) -> list[str]:
-        listed = set(self.listed)
-        return [path for path in self.wanted if path not in listed]
-
-    @property
-    def extra(self) -> list[str]:
-        wanted = set(self.wanted)
-        return sorted(path for path in self.listed if is_code_dep(path) and path not in wanted)
+def code_stage(dvc_yaml: Mapping[str, Any]) -> tuple[str, str, list[str]] | None:
+    """(name, fingerprint folder, modules) of the stage running `tools.stage_deps --fingerprints`, else None."""
+    for name, stage in (dvc_yaml.get("stages") or {}).items():
+        cmd = stage.get("cmd", "")
+        words = shlex.split(cmd if isinstance(cmd, str) else " ".join(cmd), posix=True)
+        if TOOL_MODULE in words and FINGERPRINTS_FLAG in words:
+            rest = words[words.index(FINGERPRINTS_FLAG) + 1:]
+            if rest:
+                return name, rest[0], rest[1:]
+    return None
 
 
-def stage_deps(dvc_yaml: Mapping[str, Any], root: Path = ROOT) -> dict[str, StageDeps]:
-    """StageDeps of every stage of a loaded dvc.yaml whose command runs a project module."""
-    result: dict[str, StageDeps] = {}
+def stage_modules(dvc_yaml: Mapping[str, Any], root: Path = ROOT) -> dict[str, list[str]]:
+    """The project modules each stage's command runs (stages running none, and the `code` stage, left out)."""
+    found = code_stage(dvc_yaml)
+    result: dict[str, list[str]] = {}
     for name, stage in (dvc_yaml.get("stages") or {}).items():
         if "foreach" in stage or "matrix" in stage:
             raise ValueError(f"stage {name!r}: foreach/matrix stages are not supported by tools/stage_deps.py")
         modules = entry_modules(stage.get("cmd", ""), root)
-        if not modules:
-            continue
-        names = [_dep_name(dep) for dep in stage.get("deps") or []]
-        directories = [n for n in names if "${" not in n and (root / n).is_dir()]
-        result[name] = StageDeps(name, import_closure(modules, root), names, directories)
+        if modules and not (found and name == found[0]):
+            result[name] = modules
     return result
 
 
 def problems(dvc_yaml: Mapping[str, Any], root: Path = ROOT) -> list[str]:
-    """One line per stage whose code deps differ from its import closure (empty: dvc.yaml is right)."""
+    """One line per way dvc.yaml fails to re-run a stage when its code changes (empty: it is right)."""
+    root = Path(root)
+    stages = dvc_yaml.get("stages") or {}
+    modules = stage_modules(dvc_yaml, root)
+    found = code_stage(dvc_yaml)
+    if found is None:
+        return [f"no stage runs `python -m {TOOL_MODULE} {FINGERPRINTS_FLAG} <folder> <module> ...`"] if modules else []
+    code_name, folder, fingerprinted = found
     lines = []
-    for name, deps in stage_deps(dvc_yaml, root).items():
-        if deps.missing:
-            lines.append(f"stage {name}: deps miss {', '.join(deps.missing)} (imported when it runs)")
-        if deps.extra:
-            lines.append(f"stage {name}: deps list {', '.join(deps.extra)}, which it does not import")
+    for name, entries in modules.items():
+        deps = [_dep_name(dep) for dep in stages[name].get("deps") or []]
+        missing = [fingerprint_path(folder, module) for module in entries if fingerprint_path(folder, module) not in deps]
+        if missing:
+            lines.append(f"stage {name}: deps miss {', '.join(missing)} (the fingerprint of the code it runs)")
+        listed = [dep for dep in deps if is_code_dep(dep)]
+        if listed:
+            lines.append(f"stage {name}: deps list {', '.join(listed)}; its fingerprint covers the code it runs")
+        unknown = [module for module in entries if module not in fingerprinted]
+        if unknown:
+            lines.append(f"stage {code_name}: does not fingerprint {', '.join(unknown)}, which stage {name} runs")
+    code = stages[code_name]
+    outs = [_dep_name(out) for out in code.get("outs") or []]
+    if folder.rstrip("/") not in [out.rstrip("/") for out in outs]:
+        lines.append(f"stage {code_name}: outs miss {folder} (the folder it writes)")
+    code_deps = [_dep_name(dep) for dep in code.get("deps") or []]
+    sources = import_closure([*fingerprinted, TOOL_MODULE], root)
+    uncovered = sorted(path for path in sources if not _covered(path, code_deps))
+    if uncovered:
+        lines.append(f"stage {code_name}: deps miss {', '.join(uncovered)} (list the file or its folder)")
     return lines
 
 
 # --------------------------------------------------------------------------- dvc.yaml I/O
 
 
-def _yaml() -> Any:
-    from ruamel.yaml import YAML
-
-    yaml = YAML()  # round-trip: comments, order and quoting stay as written
-    yaml.preserve_quotes = True
-    yaml.indent(mapping=2, sequence=4, offset=2)
-    yaml.width = 4096
-    return yaml
-
-
 def load(path: Path) -> Any:
+    import yaml
+
     with Path(path).open(encoding="utf-8") as handle:
-        return _yaml().load(handle)
-
-
-def rewrite(dvc_yaml: Any, root: Path = ROOT) -> list[str]:
-    """Set every stage's code deps to its closure, in place; return the names of the stages changed.
-
-    Non-code deps keep their order and come first; the code deps follow, sorted.
-    """
-    changed = []
-    for name, deps in stage_deps(dvc_yaml, root).items():
-        if not deps.missing and not deps.extra and [d for d in deps.listed if is_code_dep(d)] == deps.wanted:
-            continue
-        sequence = dvc_yaml["stages"][name]["deps"]
-        for index in reversed(range(len(sequence))):
-            if is_code_dep(_dep_name(sequence[index])):
-                del sequence[index]
-        sequence.extend(deps.wanted)
-        changed.append(name)
-    return changed
-
-
-def dump(dvc_yaml: Any) -> str:
-    buffer = io.StringIO()
-    _yaml().dump(dvc_yaml, buffer)
-    return buffer.getvalue()
+        return yaml.safe_load(handle)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Check (or --write) the code deps of dvc.yaml from each stage's imports.")
-    parser.add_argument("--write", action="store_true", help="rewrite the code deps of dvc.yaml in place")
+    parser = argparse.ArgumentParser(
+        description="Check that dvc.yaml re-runs each stage when its code changes, or write the code fingerprints.")
+    parser.add_argument(FINGERPRINTS_FLAG, nargs="+", metavar=("FOLDER", "MODULE"),
+                        help="write FOLDER/<module>.txt for each MODULE (what the `code` stage runs)")
     parser.add_argument("--dvc-file", default=str(ROOT / DVC_FILE), help="dvc.yaml to check (default: the project's)")
     parser.add_argument("--root", default=str(ROOT), help="repository root the modules live in")
     args = parser.parse_args(argv)
-    path, root = Path(args.dvc_file), Path(args.root)
-    dvc_yaml = load(path)
-    if args.write:
-        changed = rewrite(dvc_yaml, root)
-        if changed:
-            path.write_text(dump(dvc_yaml), encoding="utf-8")
-        print(f"{path}: code deps rewritten for {', '.join(changed)}" if changed else f"{path}: code deps already match")
+    root = Path(args.root)
+    if args.fingerprints:
+        folder, *modules = args.fingerprints
+        try:
+            written = write_fingerprints(root / folder, modules, root)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"{folder}: fingerprints of {', '.join(path.stem for path in written)}")
         return 0
-    found = problems(dvc_yaml, root)
+    path = Path(args.dvc_file)
+    found = problems(load(path), root)
     for line in found:
         print(line, file=sys.stderr)
     if found:
-        print(f"fix: {WRITE_COMMAND}", file=sys.stderr)
         return 1
-    print(f"{path}: every stage lists the code it imports")
+    print(f"{path}: every stage re-runs when the code it runs changes")
     return 0
 
 
