@@ -52,6 +52,7 @@ import shlex
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,16 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _runtime_nodes(tree: ast.AST) -> Iterable[ast.AST]:
-    """Every node of the tree except the bodies of `if TYPE_CHECKING:` blocks (they never run)."""
+#: The nodes that can hold statements (an `import` is a statement): enough to walk without calls.
+_STATEMENT_HOLDERS = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
+def _runtime_nodes(tree: ast.AST, expressions: bool = True) -> Iterable[ast.AST]:
+    """Every node of the tree except the bodies of `if TYPE_CHECKING:` blocks (they never run).
+
+    With `expressions=False` only statements (and the handlers and cases holding them) are
+    visited: imports are statements, and expressions are most of a tree's nodes.
+    """
     stack = [tree]
     while stack:
         node = stack.pop()
@@ -104,7 +113,8 @@ def _runtime_nodes(tree: ast.AST) -> Iterable[ast.AST]:
         if isinstance(node, ast.If) and _is_type_checking(node.test):
             stack.extend(node.orelse)
             continue
-        stack.extend(ast.iter_child_nodes(node))
+        children = ast.iter_child_nodes(node)
+        stack.extend(children if expressions else (child for child in children if isinstance(child, _STATEMENT_HOLDERS)))
 
 
 def imported_names(module: str, path: Path) -> set[str]:
@@ -113,9 +123,11 @@ def imported_names(module: str, path: Path) -> set[str]:
     `from a.b import c` gives both `a.b` and `a.b.c` (c may be a submodule); which of them
     are project modules is decided by the caller.
     """
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source, filename=str(path))
     names: set[str] = set()
-    for node in _runtime_nodes(tree):
+    # `importlib.import_module("x")` is a call, inside an expression: walk those only when one can be there
+    for node in _runtime_nodes(tree, expressions="import_module" in source):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -145,20 +157,33 @@ def _with_parents(module: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def import_closure(entry_modules: Iterable[str], root: Path = ROOT) -> set[str]:
+@dataclass
+class ClosureCache:
+    """What closures of several stages share (most of their files): each file parsed, each name looked up, once."""
+
+    files: dict[str, Path | None] = field(default_factory=dict)
+    names: dict[str, set[str]] = field(default_factory=dict)
+
+
+def import_closure(entry_modules: Iterable[str], root: Path = ROOT, cache: ClosureCache | None = None) -> set[str]:
     """Repository-relative POSIX paths of every project file the entry modules can execute."""
     root = Path(root)
+    cache = ClosureCache() if cache is None else cache
     seen: dict[str, Path] = {}
     todo = [parent for module in entry_modules for parent in _with_parents(module)]
     while todo:
         module = todo.pop()
         if module in seen:
             continue
-        path = module_file(module, root)
+        if module not in cache.files:
+            cache.files[module] = module_file(module, root)
+        path = cache.files[module]
         if path is None:
             continue
         seen[module] = path
-        for name in imported_names(module, path):
+        if module not in cache.names:
+            cache.names[module] = imported_names(module, path)
+        for name in cache.names[module]:
             todo.extend(parent for parent in _with_parents(name) if parent not in seen)
     return {path.relative_to(root).as_posix() for path in seen.values()}
 
@@ -175,7 +200,7 @@ def fingerprint_path(directory: str, module: str) -> str:
     return f"{directory.rstrip('/')}/{module}.txt"
 
 
-def fingerprint_text(module: str, root: Path = ROOT) -> str:
+def fingerprint_text(module: str, root: Path = ROOT, cache: ClosureCache | None = None) -> str:
     """The md5 and path of every file `module` can execute, sorted: changes iff one of them does."""
     root = Path(root)
     if module_file(module, root) is None:
@@ -184,7 +209,7 @@ def fingerprint_text(module: str, root: Path = ROOT) -> str:
         f"# The code `python -m {module}` can execute (its import closure, {TOOL_MODULE}).",
         "# A stage that depends on this file re-runs when one of these files changes.",
     ]
-    lines += [f"{file_md5(root / path)}  {path}" for path in sorted(import_closure([module], root))]
+    lines += [f"{file_md5(root / path)}  {path}" for path in sorted(import_closure([module], root, cache))]
     return "\n".join(lines) + "\n"
 
 
@@ -192,13 +217,14 @@ def write_fingerprints(directory: Path, modules: Sequence[str], root: Path = ROO
     """Write each module's fingerprint into `directory`, atomically; return the files written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    cache = ClosureCache()
     written = []
     for module in modules:
         target = directory / f"{module}.txt"
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{module}.", suffix=".tmp")
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                stream.write(fingerprint_text(module, root))
+                stream.write(fingerprint_text(module, root, cache))
             os.replace(temporary, target)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
