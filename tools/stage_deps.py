@@ -29,7 +29,8 @@ stage depends on the fingerprint of the module it runs instead of listing its ~4
 - it re-runs exactly when a file of its closure changes (the fingerprint's content changes
   then, and only then), as if it listed them;
 - a new, split or moved module needs no edit of dvc.yaml: the `code` stage depends on the
-  `flows` and `pipeline_steps` folders and recomputes the closures when anything there changes;
+  `flows`, `pipeline_steps` and `tools` folders and recomputes the closures when anything
+  there changes (`__pycache__` is in .dvcignore);
 - dvc.lock holds one hash per stage for its code instead of one per file. dvc reads and
   rewrites dvc.lock with its pure-Python round-trip YAML loader after every stage, so its
   size is paid ten times per `dvc repro` (421 hashes, 58 KB, ~0.5 s per stage before).
