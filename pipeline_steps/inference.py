@@ -2,7 +2,8 @@
 
 A model directory (docs/ARCHITECTURE.md, "Trained models") holds config.json,
 model.pt and, for text-based models, encoder/ (tokenizer + encoder config) and, when
-the model has a wide TF-IDF branch (config.json `architecture.wide`), tfidf.joblib. The
+the model has a wide TF-IDF branch (config.json `architecture.wide`), tfidf.joblib; an
+image model with a neighbour vote (config.json `neighbours`) also holds neighbours.npz. The
 network is rebuilt from config.json with random weights and then loaded from
 model.pt, so nothing is downloaded and the same code serves CPU and CUDA.
 
@@ -34,6 +35,7 @@ from pipeline_steps import datasets as ds
 from pipeline_steps import models
 from pipeline_steps.errors import PipelineError
 from pipeline_steps.model_kinds import CLASSIFIER_KINDS
+from pipeline_steps.photo_neighbours import NeighbourVote
 
 KINDS = CLASSIFIER_KINDS
 ImageInput = Image.Image | Sequence[Image.Image] | None
@@ -48,6 +50,7 @@ class LoadedModel:
     tokenizer: Any = None
     preprocessor: models.ImagePreprocessor | None = None
     wide: models.WideFeaturizer | None = None  # the fitted TF-IDF vectoriser of a wide branch
+    neighbours: NeighbourVote | None = None  # the image model's stored train photos (photo_neighbours)
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
@@ -110,7 +113,9 @@ def build_module(config: dict[str, Any], model_dir: str | Path) -> LoadedModel:
     preprocessing = config.get("preprocessing", {})
     preprocessor = models.ImagePreprocessor.from_config(preprocessing["image"]) if "image" in preprocessing else None
     if kind == "image":
-        return LoadedModel(_image_module(architecture, n_classes), config, None, preprocessor)
+        record = config.get("neighbours")
+        neighbours = NeighbourVote.load(model_dir, record, n_classes) if record else None
+        return LoadedModel(_image_module(architecture, n_classes), config, None, preprocessor, neighbours=neighbours)
     wide = _wide_featurizer(architecture, model_dir)
     wide_features = wide.n_features if wide is not None else None
     if kind == "text":
@@ -174,6 +179,8 @@ class Classifier:
         self.device = _device(device)
         self.batch_size = int(batch_size)
         self.module = loaded.module.to(self.device).eval()
+        if loaded.neighbours is not None:
+            loaded.neighbours.to(self.device)
         self.max_length = int(loaded.config.get("preprocessing", {}).get("text", {}).get("max_length", 128))
 
     def __repr__(self) -> str:
@@ -223,10 +230,15 @@ class Classifier:
 
     def image_outputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, search embedding) of the image model from backbone features: the one function
-        the index stage and the service use, so both embed photos the same way."""
+        the index stage, evaluation and the service use, so all embed and classify photos the same way.
+        With a neighbour vote (config.json `neighbours`), the logits are the head's log-probabilities
+        with the vote of the nearest train photos multiplied in (photo_neighbours)."""
         features = features.float()
         head = self.module.embed_features(features)
-        return self.module.classify_embedding(head), (features if self.search_vector == "backbone" else head)
+        logits = self.module.classify_embedding(head)
+        if self.loaded.neighbours is not None:
+            logits = self.loaded.neighbours.blend(logits, features)
+        return logits, (features if self.search_vector == "backbone" else head)
 
     def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         assert self.loaded.preprocessor is not None

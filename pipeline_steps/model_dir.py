@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline_steps import models
 from pipeline_steps.io_utils import atomic_dir, write_json
+from pipeline_steps.photo_neighbours import NeighbourVote
 from pipeline_steps.training_loop import FitOutcome, cpu_state
 
 #: config.json's `format_version`.
@@ -57,8 +58,9 @@ def save_model_dir(
     history: list[dict[str, float]],
     encoder_files: tuple[Any, nn.Module] | None = None,
     wide: models.WideFeaturizer | None = None,
+    neighbours: NeighbourVote | None = None,
 ) -> Path:
-    """Write config.json + model.pt + history.json (+ encoder/, + tfidf.joblib) atomically as `out_dir`.
+    """Write config.json + model.pt + history.json (+ encoder/, + tfidf.joblib, + neighbours.npz) atomically as `out_dir`.
 
     Args:
         out_dir: the model directory (replaced as a whole).
@@ -67,6 +69,7 @@ def save_model_dir(
         history: the per-epoch metrics.
         encoder_files: (tokenizer, transformer) whose tokenizer and config go to encoder/.
         wide: the wide branch's fitted vectoriser.
+        neighbours: the image model's stored train photos (neighbours.npz).
 
     Returns:
         `out_dir` as a Path.
@@ -77,6 +80,8 @@ def save_model_dir(
         write_json(tmp / "history.json", history)
         if wide is not None:
             wide.save(tmp / models.WIDE_FILE)
+        if neighbours is not None:
+            neighbours.save(tmp)
         if encoder_files is not None:
             tokenizer, transformer = encoder_files
             tokenizer.save_pretrained(str(tmp / "encoder"))

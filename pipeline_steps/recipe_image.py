@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pipeline_steps import datasets as ds
-from pipeline_steps import image_features, models
+from pipeline_steps import image_features, models, photo_neighbours
 from pipeline_steps.clean_schema import IMAGES_FILE
 from pipeline_steps.config import require_choice, resolve_path
 from pipeline_steps.errors import ConfigError
@@ -235,6 +235,8 @@ class ImageRecipe(Recipe):
         self.backbone_lr = checked_number(params, "backbone_lr", "image")
         models.build_image_preprocessor(params, self.weights_spec)  # checks input_size before any data is read
         self.feature_stats = image_features.FeatureStats()
+        self.neighbour_settings = photo_neighbours.check_settings(params["neighbours"])
+        self.neighbours: photo_neighbours.NeighbourVote | None = None
 
     def labels(self, data: ds.CleanData, split: str) -> list[int]:
         return data.images_of(split)["label"].tolist()
@@ -302,6 +304,11 @@ class ImageRecipe(Recipe):
             )
         self.search = choose_search_embedding(self.model, self.features, self.frame, self.search_choice)
         log.info("image search embedding: %s (val precision@10 %s)", self.search["vector"], self.search["val_precision_at_10"])
+        if self.neighbour_settings["weight"] > 0:
+            train = np.array(self.frame["split"] == "train")
+            self.neighbours = photo_neighbours.NeighbourVote.fit(
+                self.features[torch.from_numpy(train)], self.frame.loc[train, "label"].to_numpy(), len(data.classes), self.neighbour_settings
+            )
 
     def _augmentation_used(self) -> list[str]:
         if self.mode == "fine_tune":
@@ -310,12 +317,16 @@ class ImageRecipe(Recipe):
             return ["horizontal_flip (of the prefix's stored maps)"]
         return []
 
+    def saved_files(self) -> dict[str, Any]:
+        return {"neighbours": self.neighbours}
+
     def saved_config(self, data: ds.CleanData) -> dict[str, Any]:
         model, params, stats = self.model, self.params, self.feature_stats
         frozen = not any(p.requires_grad for p in model.backbone.parameters())
         return {
             "embedding_dim": self.search["dim"],
             "search_embedding": self.search,
+            "neighbours": None if self.neighbours is None else self.neighbours.record(),
             "architecture": {
                 "type": "ImageClassifier",
                 "backbone": self.backbone,

@@ -146,6 +146,15 @@ class CleaningSettings(Section):
 
 # --------------------------------------------------------------------------- training
 
+class NeighbourSettings(Section):
+    """`train.image.neighbours`: the vote of the nearest train photos (pipeline_steps/photo_neighbours.py)."""
+
+    k: PositiveInt
+    temperature: PositiveFloat
+    smoothing: Annotated[float, Field(gt=0.0, le=1.0)]
+    weight: NonNegativeFloat
+
+
 class ImageTrainSettings(Section):
     backbone: Literal[BACKBONES]  # type: ignore[valid-type]
     weights: str | None
@@ -158,6 +167,7 @@ class ImageTrainSettings(Section):
     features_dir: str
     search_embedding: Literal["auto", "backbone", "head"]
     product_pooling: Literal["mean_log", "mean"]
+    neighbours: NeighbourSettings
     augmentation: list[Literal[AUGMENTATIONS]] | None  # type: ignore[valid-type]
     epochs: PositiveInt
     batch_size: PositiveInt

@@ -50,6 +50,7 @@ CODE_DEFAULTS: dict[str, Any] = {
         "features_dir": "artifacts/features/image",
         "search_embedding": "auto",
         "product_pooling": "mean_log",  # image_features.DEFAULT_PRODUCT_POOLING (what evaluation used)
+        "neighbours": {"k": 10, "temperature": 0.05, "smoothing": 0.05, "weight": 0.0},  # weight 0: the head alone (as before the vote)
         "augmentation": [],
         "weight_decay": 0.0,
         "embedding_dim": 256,
