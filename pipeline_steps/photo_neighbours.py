@@ -108,7 +108,9 @@ class NeighbourVote:
         scores = queries @ self.vectors.T
         k = min(self.k, scores.shape[1])
         sims, rows = scores.topk(k, dim=1)
-        weights = torch.exp((sims - 1.0) / self.temperature)
+        # exp((cos - 1) / T), shifted by the row's best cosine: the same vote once normalised, and no
+        # underflow to an all-zero row when every neighbour is far (cos - 1 < -87 T in float32)
+        weights = torch.exp((sims - sims[:, :1]) / self.temperature)
         vote = torch.zeros(len(queries), self.n_classes, dtype=torch.float32, device=queries.device)
         vote.scatter_add_(1, self.labels[rows], weights)
         vote = vote / vote.sum(dim=1, keepdim=True).clamp_min(1e-30)

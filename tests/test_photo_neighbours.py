@@ -117,3 +117,12 @@ def test_training_stores_the_train_photos_and_inference_applies_the_vote(tmp_pat
     image["neighbours"] = {**image["neighbours"], "weight": 0.0}
     off = training.train_image_classifier(clean, params["train"], tmp_path / "image_off", progress=False)
     assert off.config["neighbours"] is None and not (tmp_path / "image_off" / FILE).exists()
+
+
+def test_far_neighbours_still_vote_instead_of_underflowing_to_the_prior() -> None:
+    features, labels = clusters()
+    vote = NeighbourVote.fit(features, labels, 3, {**SETTINGS, "temperature": 0.001, "k": 2})
+    query = -features[:1]  # cosine about -1 to every stored photo: exp((cos - 1) / T) underflows in float32
+    log_vote = vote.log_vote(query)
+    assert torch.isfinite(log_vote).all()
+    assert float(log_vote.exp().max()) > 0.5  # the nearest (least far) neighbours' class still wins the vote
