@@ -2,6 +2,7 @@
 
     python benchmarks/neighbour_vote_cost.py --model-dir /tmp/real_report/models/image \\
         --out benchmarks/results/neighbour_vote_cost.json
+    python benchmarks/neighbour_vote_cost.py --render benchmarks/results/neighbour_vote_cost.json
 
 Loads the stored train photos of a trained image model (`neighbours.npz`, via the model's config.json)
 and times `NeighbourVote.blend` for batches of 1 and 16 query photos (random unit vectors of the stored
@@ -46,10 +47,16 @@ def timed(fn, repeats: int) -> dict[str, float]:
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--model-dir", type=Path)
     p.add_argument("--repeats", type=int, default=300)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--render", type=Path, help="print the Markdown table of a saved JSON and exit")
     args = p.parse_args()
+    if args.render:
+        print(render(json.loads(args.render.read_text(encoding="utf-8"))))
+        return
+    if args.model_dir is None or args.out is None:
+        p.error("--model-dir and --out are required to measure")
     torch.set_num_threads(1)
     classifier = inference.load_classifier(args.model_dir, device="cpu")
     vote = classifier.loaded.neighbours
@@ -68,7 +75,16 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(report, indent=2))
+    print(render(report))
+
+
+def render(report: dict) -> str:
+    """The Markdown table of BENCHMARKS.md (also: `--render JSON` re-renders a saved run)."""
+    lines = ["| query photos | head alone p50 / p99 ms | + neighbour vote p50 / p99 ms |", "|---:|---:|---:|"]
+    for row in report["rows"]:
+        head, vote = row["head_alone"], row["vote_blend"]
+        lines.append(f"| {row['batch']} | {head['p50_ms']:.2f} / {head['p99_ms']:.2f} | {vote['p50_ms']:.1f} / {vote['p99_ms']:.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
